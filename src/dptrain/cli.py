@@ -1,0 +1,251 @@
+"""Command line: ``dptrain {data,train,verify,bench,plot,slurm,doctor}``.
+
+Flags for ``train`` are generated from :class:`~dptrain.config.TrainConfig`, so the CLI, the
+TOML file and validation always agree. Any :class:`~dptrain.errors.UsageError` ends the command
+with one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from dptrain import __version__
+from dptrain.config import FIELDS, TrainConfig, coerce, field_type, flag, load_toml, to_toml
+from dptrain.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one ``error:`` line (exit status 2)."""
+
+    def error(self, message: str) -> None:  # noqa: D102
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
+
+
+def add_config_flags(parser: argparse.ArgumentParser,
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per :class:`TrainConfig` field; defaults shown; values left unset unless given."""
+    for f in fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
+        kind = field_type(f.name)
+        default = f.default if f.name != "data_root" else "$DPTRAIN_DATA or ./data"
+        shown = default if default != "" else "none"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} (default: {shown})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs.pop("metavar")
+        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None
+                   ) -> TrainConfig:
+    """Defaults < recipe < ``--config`` file < flags (< ``overrides``), then validate."""
+    from dptrain.recipes import recipe_values
+
+    explicit = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    from_file = load_toml(args.config) if getattr(args, "config", None) else {}
+    recipe = explicit.get("recipe", from_file.get("recipe", ""))
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(coerce(recipe_values(recipe), source=f"recipe {recipe}"))
+    values.update(from_file)
+    values.update(explicit)
+    values.update(overrides or {})
+    return TrainConfig(**values).validate()
+
+
+# ---------------------------------------------------------------------------- train
+def resolve_nproc(cfg: TrainConfig) -> int:
+    import torch
+
+    if cfg.nproc != "auto":
+        return int(cfg.nproc)
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def worker_entry(cfg_dict: dict[str, Any], started_at: float, count_comm: bool = False
+                 ) -> dict[str, Any]:
+    """What each launched worker runs (module-level, so that spawn can import it)."""
+    from dptrain import run
+
+    return run.train(TrainConfig.from_dict(cfg_dict), started_at=started_at,
+                     count_comm=count_comm)
+
+
+def run_training(cfg: TrainConfig, *, legacy_local_rank: int | None = None,
+                 started_at: float | None = None, count_comm: bool = False
+                 ) -> dict[str, Any] | None:
+    """Train as the user asked: in this process, as a worker of an external launcher, or by
+    launching local workers. Returns rank 0's summary (None on other ranks)."""
+    from dptrain import dist, launch, run
+
+    started_at = time.time() if started_at is None else started_at
+    env = dist.detect(legacy_local_rank=legacy_local_rank)
+    if env.distributed:  # started by torchrun / srun / torch.distributed.launch
+        summary = run.train(cfg, env, started_at=started_at, count_comm=count_comm)
+        return summary if env.rank == 0 else None
+    nproc = resolve_nproc(cfg)
+    if cfg.strategy == "dp" and nproc > 1:
+        raise UsageError("--strategy dp is one process driving all GPUs: drop --nproc (or use "
+                         "--strategy ddp for one process per device)")
+    if cfg.strategy == "single" and (nproc > 1 or cfg.nnodes > 1):
+        raise UsageError("--strategy single runs one process: drop --nproc/--nnodes or use "
+                         "--strategy ddp")
+    _preflight(cfg)
+    if nproc == 1 and cfg.nnodes == 1:
+        return run.train(cfg, env, started_at=started_at, count_comm=count_comm)
+    cfg = cfg.replace(out=cfg.out or run.default_out())
+    if cfg.node_rank == 0:
+        run.check_out_dir(Path(cfg.out), resuming=bool(cfg.resume))
+    results = launch.launch(
+        worker_entry, (cfg.to_dict(), started_at, count_comm), nproc=nproc,
+        nnodes=cfg.nnodes, node_rank=cfg.node_rank,
+        master_addr=cfg.master_addr, master_port=cfg.master_port,
+        max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s))
+    return results.get(0)
+
+
+def _preflight(cfg: TrainConfig) -> None:
+    """Checks worth doing once, before any worker starts: devices, backend, data."""
+    import torch
+
+    from dptrain.data.datasets import RAW_DIRS
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UsageError("--device cuda requested but no CUDA GPU is visible; use --device cpu "
+                         "(or auto)")
+    on_gpu = cuda and cfg.device != "cpu"
+    if cfg.strategy == "dp" and not on_gpu:
+        raise UsageError("--strategy dp needs CUDA GPUs (nn.DataParallel is GPU-only); on CPU "
+                         "use --strategy ddp --nproc N")
+    if cfg.backend == "nccl" and not on_gpu:
+        raise UsageError("--backend nccl needs CUDA GPUs; use --backend gloo (or auto) on CPU")
+    if cfg.precision == "16" and not on_gpu:
+        raise UsageError("--precision 16 (fp16 with GradScaler) needs CUDA; on CPU use "
+                         "--precision bf16 or 32")
+    if cfg.dataset in RAW_DIRS:  # fetch once here, not in every worker
+        from dptrain.data.fetch import ensure_dataset
+
+        ensure_dataset(cfg.dataset, Path(cfg.data_root), log=print)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    sps = summary.get("train_samples_per_s")
+    print(f"test accuracy {summary['test_accuracy']:.4f} ({summary['test_samples']} samples) | "
+          f"{sps:,.0f} samples/s" if sps else "n/a samples/s", end="")
+    print(f" | {summary['steps']} steps | {summary['strategy']} x {summary['world_size']} "
+          f"on {summary['device']} | wall {summary['wall_time_s']:.1f} s | {summary['out']}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    started_at = time.time()
+    cfg = resolve_config(args)
+    if args.print_config:
+        sys.stdout.write(to_toml(cfg))
+        return 0
+    summary = run_training(cfg, legacy_local_rank=args.local_rank, started_at=started_at)
+    if summary is not None:
+        if summary.get("stopped_by_signal"):
+            print(f"stopped by signal at step {summary['steps']}; checkpoint written, "
+                  f"continue with --resume auto --out {summary['out']}")
+            return 143
+        print_summary(summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------- data
+def cmd_data(args: argparse.Namespace) -> int:
+    from dptrain.data.fetch import fetch
+
+    root = Path(args.root or os.environ.get("DPTRAIN_DATA", "./data"))
+    path = fetch(args.name, root, log=print)
+    print(f"{args.name}: ready in {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> Parser:
+    parser = Parser(prog="dptrain", formatter_class=_help_formatter,
+                    description="Data-parallel training with PyTorch that you can trust and "
+                                "measure.")
+    parser.add_argument("--version", action="version", version=f"dptrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("data", help="get datasets", formatter_class=_help_formatter)
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
+    dsub.required = True
+    f = dsub.add_parser("fetch", help="fetch and verify a dataset (offline-capable)")
+    f.add_argument("name", choices=["mnist", "fashion-mnist"])
+    f.add_argument("--root", default=None, help="data root (default: $DPTRAIN_DATA or ./data)")
+    f.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a model (single / dp / ddp)",
+                       formatter_class=_help_formatter,
+                       description=TRAIN_EXAMPLES)
+    t.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="TOML configuration; flags override it")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as TOML and exit")
+    # the legacy torch.distributed.launch passes --local-rank=N (older: --local_rank)
+    t.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    from dptrain import verify
+
+    verify.add_parser(sub)
+    from dptrain import slurm
+
+    slurm.add_parser(sub)
+    return parser
+
+
+TRAIN_EXAMPLES = """\
+examples:
+  dptrain train --model linear --epochs 1 --batch-size 64 --lr 0.01      # one process
+  dptrain train --nproc 2 --model convnet --epochs 2                     # DDP, 2 local workers
+  torchrun --nproc-per-node 2 -m dptrain train --model convnet           # under torchrun
+  srun --ntasks-per-node 2 dptrain train --model convnet                 # under SLURM
+  dptrain train --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 --nproc 2
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a worker's crash: show ranks and tracebacks, no second trace
+        from dptrain.launch import WorkerFailure
+
+        if isinstance(exc, WorkerFailure):
+            print(f"error: training failed\n{exc}", file=sys.stderr)
+            return exc.exit_code
+        raise

@@ -1,0 +1,235 @@
+"""One configuration tree for a training run.
+
+:class:`TrainConfig` is a kw-only dataclass; every field carries its help text and, where it
+has one, its set of choices. The same description drives the command line (``cli.py``), the
+TOML file (``--config`` / ``config.toml``) and validation, so the three cannot drift apart.
+
+Precedence, lowest first: field defaults, the ``--recipe`` preset, ``--config FILE``, flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dptrain.errors import UsageError
+
+MODELS = ("linear", "convnet", "cnn", "fastnet")
+DATASETS = ("mnist", "fashion-mnist", "synthetic")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
+SCHEDULES = ("none", "step", "onecycle")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    """A dataclass field with its CLI help and choices attached as metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+
+
+def default_data_root() -> str:
+    return os.environ.get("DPTRAIN_DATA", "./data")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run. Resolved once, saved beside the run."""
+
+    # --- what to train
+    dataset: str = _opt("mnist", "dataset name, or package.module:factory", plugin_ok=True)
+    data_root: str = _opt("", "dataset root (default: $DPTRAIN_DATA, else ./data)")
+    model: str = _opt("linear", "model name, or package.module:factory", plugin_ok=True)
+    recipe: str = _opt("", "named preset (mnist-fast); explicit flags override it")
+    # --- how to parallelise
+    strategy: str = _opt("auto", "auto = ddp when several processes, else single",
+                         ("auto", "single", "dp", "ddp"))
+    nproc: str = _opt("1", "local worker processes: N or auto (= GPUs, else CPU cores)")
+    nnodes: int = _opt(1, "number of nodes (as torchrun)")
+    node_rank: int = _opt(0, "rank of this node (as torchrun)")
+    master_addr: str = _opt("127.0.0.1", "address of node 0 (as torchrun)")
+    master_port: int = _opt(0, "rendezvous port; 0 = pick a free one (single node only)")
+    device: str = _opt("auto", "training device", ("auto", "cpu", "cuda"))
+    backend: str = _opt("auto", "auto = nccl on CUDA, gloo on CPU", ("auto", "gloo", "nccl"))
+    timeout_s: float = _opt(300.0, "process-group timeout: a collective waiting longer fails")
+    max_restarts: int = _opt(0, "elastic restarts of the workers after a failure")
+    threads: int = _opt(0, "intra-op threads per process; 0 = CPU cores / local processes")
+    # --- DDP knobs
+    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MiB")
+    gradient_as_bucket_view: bool = _opt(False, "DDP: gradients are views into the buckets")
+    static_graph: bool = _opt(False, "DDP: the graph is the same every step")
+    find_unused_parameters: bool = _opt(False, "DDP: allow parameters that get no gradient")
+    comm_hook: str = _opt("none", "DDP gradient compression hook", ("none", "fp16", "bf16"))
+    sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm (DDP)")
+    # --- optimisation
+    epochs: int = _opt(1, "passes over the training split")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no cap)")
+    batch_size: int = _opt(64, "samples per process per micro-batch")
+    eval_batch_size: int = _opt(1000, "samples per process per evaluation batch")
+    accum: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
+    optimizer: str = _opt("sgd", "optimizer", OPTIMIZERS)
+    lr: float = _opt(0.01, "learning rate (before --lr-scaling)")
+    momentum: float = _opt(0.0, "SGD momentum")
+    nesterov: bool = _opt(False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    schedule: str = _opt("none", "learning-rate schedule", SCHEDULES)
+    step_size: int = _opt(1, "step schedule: epochs between decays")
+    gamma: float = _opt(0.7, "step schedule: decay factor")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    lr_scaling: str = _opt("none", "scale lr with the global batch", ("none", "linear", "sqrt"))
+    ref_batch: int = _opt(64, "global batch the given lr is tuned for (for --lr-scaling)")
+    precision: str = _opt("32", "32, bf16 (autocast) or 16 (fp16 + GradScaler, CUDA)",
+                          ("32", "bf16", "16"))
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    augment: str = _opt("none", "training augmentation", ("none", "shift"))
+    channels_last: bool = _opt(False, "channels_last memory format for conv models")
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(0, "seed: same seed, same result")
+    # --- outputs
+    out: str = _opt("", "run directory (default runs/<timestamp>)")
+    ckpt_every: int = _opt(0, "checkpoint every N optimizer steps (0 = only at the end)")
+    keep_ckpts: int = _opt(3, "numbered checkpoints to keep")
+    resume: str = _opt("", "auto (newest good checkpoint in --out) or a checkpoint path")
+    log_every: int = _opt(50, "log every N optimizer steps")
+    quiet: bool = _opt(False, "print only the final result")
+    tensorboard: bool = _opt(False, "write TensorBoard event files (needs tensorboard)")
+    eval_every_epoch: bool = _opt(True, "evaluate at the end of every epoch")
+
+    def __post_init__(self) -> None:
+        if not self.data_root:
+            self.data_root = default_data_root()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        """Check every value once; raise :class:`UsageError` naming the flag and the fix."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UsageError(
+                    f"--{flag(f.name)} {value!r} is not one of {', '.join(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{flag(f.name)} must be a finite number, got {value}")
+        if ":" not in self.model and self.model not in MODELS:
+            raise UsageError(f"unknown --model {self.model!r}: use one of {', '.join(MODELS)} "
+                             "or package.module:factory")
+        if ":" not in self.dataset and self.dataset not in DATASETS:
+            raise UsageError(f"unknown --dataset {self.dataset!r}: use one of "
+                             f"{', '.join(DATASETS)} or package.module:factory")
+        positive = ("epochs", "batch_size", "eval_batch_size", "accum", "nnodes", "ref_batch",
+                    "step_size", "keep_ckpts", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        non_negative = ("max_steps", "node_rank", "master_port", "max_restarts", "threads",
+                        "ckpt_every", "warmup_steps", "weight_decay", "momentum", "seed")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not self.timeout_s > 0:
+            raise UsageError(f"--timeout-s must be positive, got {self.timeout_s}")
+        if not self.bucket_cap_mb > 0:
+            raise UsageError(f"--bucket-cap-mb must be positive, got {self.bucket_cap_mb}")
+        if not 0 < self.gamma <= 1:
+            raise UsageError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.node_rank >= self.nnodes:
+            raise UsageError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        if self.master_port > 65535:
+            raise UsageError(f"--master-port {self.master_port} is not a TCP port (1-65535)")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise UsageError("multi-node runs need --master-port (the same on every node)")
+        if self.nproc != "auto":
+            try:
+                n = int(self.nproc)
+            except ValueError:
+                raise UsageError(f"--nproc must be a positive integer or auto, got "
+                                 f"{self.nproc!r}") from None
+            if n < 1:
+                raise UsageError(f"--nproc must be a positive integer or auto, got {n}")
+        return self
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        return cls(**coerce(values, source=source))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    """Field name -> CLI flag spelling (without the dashes)."""
+    return name.replace("_", "-")
+
+
+def field_type(name: str) -> type:
+    default = FIELDS[name].default
+    return type(default)
+
+
+def coerce(values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Check keys and types of a mapping from TOML or a recipe; ints are accepted for floats."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UsageError(f"{source}: unknown key {key!r}; see `dptrain train --help` "
+                             "for the valid names")
+        want = field_type(name)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is str and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # e.g. nproc = 2, precision = 16
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise UsageError(f"{source}: {key} must be {want.__name__}, got "
+                             f"{type(value).__name__} {value!r}")
+        out[name] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; a missing or malformed file is a :class:`UsageError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist (or is not a file); check the path")
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {p} is not valid TOML ({exc}); fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {p}: {exc}") from None
+    if "train" in data and isinstance(data["train"], dict):
+        data = data["train"]  # allow a [train] table as well as top-level keys
+    return coerce(data, source=str(p))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The resolved configuration as TOML; ``--config`` on this text reproduces the run."""
+    lines = ["# dptrain resolved configuration: dptrain train --config THIS_FILE"]
+    for f in fields(cfg):
+        lines.append(f"{f.name} = {_toml_value(getattr(cfg, f.name))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""Device-resident, index-sharded batches: no DataLoader, no per-sample Python.
+
+The whole split lives on the training device as one tensor. Each epoch draws ONE permutation
+from a generator seeded by ``(seed, epoch)`` -- identical on every rank and recomputable after
+a restart, so no generator state needs saving. An optimizer step consumes a *global* batch of
+``batch_size * world * accum`` consecutive permuted indices; micro-batch ``k`` of rank ``r`` is
+
+    perm[step*G*K + k*G + r*B : ... + B]        (G = B * world)
+
+so the union over ranks of micro-batch ``k`` is exactly micro-batch ``k`` of one process with
+batch ``B * world``: training does not depend on the world size.
+
+Drop-last: the last ``N mod (B * world * accum)`` samples of each epoch's permutation are not
+used that epoch (a different tail each epoch, since the permutation changes). Evaluation never
+drops: :func:`eval_shard` splits the test set into contiguous shards of sizes differing by at
+most one, so every sample is counted exactly once for any world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's permutation generator: a pure function of (seed, epoch)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class Normalizer:
+    """uint8 -> float, ``(x / 255 - mean) / std`` in one fused multiply-add, plus channel dim."""
+
+    def __init__(self, mean: float | None, std: float | None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.scale = None if mean is None else 1.0 / (255.0 * std)
+        self.shift = None if mean is None else -mean / std
+        self.memory_format = memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x.float().mul_(self.scale).add_(self.shift)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if self.memory_format is not torch.contiguous_format and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
+
+
+class ShardedLoader:
+    """Global-batch sharding over ranks and gradient-accumulation micro-batches."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, rank: int,
+                 world: int, accum: int, seed: int, normalize: Normalizer,
+                 augment: str = "none") -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of size {world}")
+        self.x, self.y = x, y
+        self.batch_size, self.rank, self.world, self.accum = batch_size, rank, world, accum
+        self.seed = seed
+        self.normalize = normalize
+        self.augment = augment
+        self.micro_global = batch_size * world  # samples per micro-batch over all ranks
+        self.step_global = self.micro_global * accum  # samples per optimizer step
+        self.steps_per_epoch = len(x) // self.step_global
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        perm = torch.randperm(len(self.x), generator=epoch_generator(self.seed, epoch))
+        return perm.to(self.x.device)
+
+    def indices(self, perm: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """This rank's indices for micro-batch ``micro`` of optimizer step ``step``."""
+        start = step * self.step_global + micro * self.micro_global + self.rank * self.batch_size
+        return perm[start:start + self.batch_size]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
+        """Yield, per optimizer step from ``start_step``, the ``accum`` micro-batches."""
+        perm = self.permutation(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            micro = []
+            for k in range(self.accum):
+                idx = self.indices(perm, step, k)
+                xb = self.x.index_select(0, idx)
+                if self.augment == "shift":
+                    xb = random_shift(xb, self.seed, epoch, step, k, self.rank)
+                micro.append((self.normalize(xb), self.y.index_select(0, idx)))
+            yield micro
+
+
+def random_shift(x: torch.Tensor, seed: int, epoch: int, step: int, micro: int,
+                 rank: int, max_shift: int = 2) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero fill), deterministic per step.
+
+    Done for the whole batch with one gather: pad, then pick a shifted 28x28 window per sample.
+    """
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    g = torch.Generator().manual_seed(((seed * 7919 + epoch) * 1_000_003 + step) * 64
+                                      + micro * 8 + rank)
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, n), generator=g).to(x.device)
+    padded = torch.nn.functional.pad(x, (max_shift, max_shift, max_shift, max_shift))
+    rows = (torch.arange(h, device=x.device).view(1, h) + shifts[0].view(n, 1))  # n, h
+    cols = (torch.arange(w, device=x.device).view(1, w) + shifts[1].view(n, 1))  # n, w
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    return padded[batch, rows.view(n, h, 1), cols.view(n, 1, w)]
+
+
+def eval_shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous ``[start, end)`` of ``n`` samples for ``rank``; sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+

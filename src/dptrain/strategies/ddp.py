@@ -1,0 +1,126 @@
+"""``DistributedDataParallel``: one process per device, gradients all-reduced in buckets."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dptrain import dist
+from dptrain.strategies.base import Strategy
+
+
+@dataclass
+class DDPOptions:
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+    find_unused_parameters: bool = False
+    comm_hook: str = "none"  # none | fp16 | bf16
+    count_comm: bool = False  # count all-reduce calls and bytes (tests, bench)
+
+
+class CommCounter:
+    """Comm-hook state: how many bucket all-reduces ran and how many bytes they carried."""
+
+    def __init__(self, process_group: Any = None) -> None:
+        self.process_group = process_group
+        self.calls = 0
+        self.bytes = 0
+
+
+def _counting(hook):  # noqa: ANN001, ANN202 - torch's hook signature
+    def counted(state: CommCounter, bucket: tdist.GradBucket) -> torch.futures.Future:
+        state.calls += 1
+        state.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+        return hook(state.process_group, bucket)
+
+    return counted
+
+
+HOOKS = {
+    "none": default_hooks.allreduce_hook,
+    "fp16": default_hooks.fp16_compress_hook,
+    "bf16": default_hooks.bf16_compress_hook,
+}
+
+
+class DistributedDataParallel(Strategy):
+    name = "ddp"
+
+    def __init__(self, env: dist.DistEnv, device: torch.device, *, backend: str,
+                 timeout_s: float, options: DDPOptions | None = None) -> None:
+        super().__init__(env, device)
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.options = options or DDPOptions()
+        self.comm: CommCounter | None = None
+
+    def setup(self) -> None:
+        dist.init_process_group(self.env, self.backend, self.device, self.timeout_s)
+
+    def teardown(self) -> None:
+        dist.destroy_process_group()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        o = self.options
+        ddp = DDP(
+            model,
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            bucket_cap_mb=o.bucket_cap_mb,
+            gradient_as_bucket_view=o.gradient_as_bucket_view,
+            static_graph=o.static_graph,
+            find_unused_parameters=o.find_unused_parameters,
+        )
+        hook = HOOKS[o.comm_hook]
+        if o.count_comm:
+            self.comm = CommCounter()
+            ddp.register_comm_hook(self.comm, _counting(hook))
+        elif o.comm_hook != "none":
+            ddp.register_comm_hook(None, hook)
+        return ddp
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DDP) else model
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        with model.no_sync():
+            yield
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        tdist.barrier()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        # DDP broadcasts rank 0's buffers before each forward, so after the last step every
+        # other rank holds statistics updated by its own last batch: align them for eval/save.
+        for buf in model.buffers():
+            tdist.broadcast(buf, src=0)
+
+    def describe(self) -> dict[str, Any]:
+        o = self.options
+        return {**super().describe(), "bucket_cap_mb": o.bucket_cap_mb,
+                "gradient_as_bucket_view": o.gradient_as_bucket_view,
+                "static_graph": o.static_graph,
+                "find_unused_parameters": o.find_unused_parameters, "comm_hook": o.comm_hook}

@@ -1,0 +1,109 @@
+"""``dptrain verify``: prove that N processes train exactly like one process.
+
+Runs the same configuration twice -- 1 process with batch ``N*B`` and ``N`` DDP processes with
+batch ``B`` each -- and compares the final parameters (and the loss trajectory). Exit 0 when the
+largest absolute parameter difference is within ``--tol``, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dptrain.errors import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from dptrain.cli import add_config_flags
+
+    p = sub.add_parser(
+        "verify", help="check that N-process training equals 1-process training",
+        description="Train 1 process x batch N*B and N processes x batch B from the same seed "
+                    "and compare the parameters. Exit 0 within --tol, 1 otherwise.")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
+    p.add_argument("--tol", type=float, default=1e-5,
+                   help="largest allowed |difference| of any parameter (default: 1e-5)")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep both runs under DIR (default: a temporary directory)")
+    p.set_defaults(func=cmd_verify)
+    add_config_flags(p, only=("model", "dataset", "data_root", "batch_size", "nproc", "lr",
+                              "optimizer", "momentum", "accum", "sync_bn", "seed", "threads",
+                              "precision", "weight_decay"))
+    p.set_defaults(nproc="2", dataset="synthetic", batch_size=16, lr=0.05, momentum=0.9)
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu",
+                       weights_only=True)
+    return state["model"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.append(rec["loss"])
+    return out
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest absolute difference over all floating-point entries, and where it is."""
+    worst, where = 0.0, ""
+    for name, ta in a.items():
+        tb = b[name]
+        if not ta.is_floating_point():
+            continue
+        d = (ta.double() - tb.double()).abs().max().item() if ta.numel() else 0.0
+        if d > worst:
+            worst, where = d, name
+    return worst, where
+
+
+def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    from dptrain.cli import run_training
+    from dptrain.config import TrainConfig
+
+    base = dict(values, max_steps=steps, epochs=10_000, log_every=1, eval_every_epoch=False,
+                resume="", max_restarts=0, quiet=True, strategy="auto")
+    one = TrainConfig(**{**base, "batch_size": values["batch_size"] * nproc, "nproc": "1",
+                         "strategy": "single", "out": str(root / "one")}).validate()
+    many = TrainConfig(**{**base, "nproc": str(nproc), "strategy": "ddp",
+                          "out": str(root / f"ddp{nproc}")}).validate()
+    s1 = run_training(one)
+    sn = run_training(many)
+    return s1, sn
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from dptrain.config import FIELDS
+    from dptrain.models import build_model, has_batchnorm
+
+    values = {n: getattr(args, n) for n in FIELDS if hasattr(args, n)}
+    nproc = int(values.get("nproc", "2"))
+    if nproc < 1 or args.steps < 1 or not args.tol > 0:
+        raise UsageError("--nproc and --steps must be at least 1 and --tol positive")
+    if has_batchnorm(build_model(values.get("model", "linear"))) and not values.get("sync_bn"):
+        print("note: the model has BatchNorm: without --sync-bn each process normalises with "
+              "its own batch statistics, so results differ from one process by design")
+    with tempfile.TemporaryDirectory(prefix="dptrain-verify-") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        s1, sn = run_pair(values, nproc, args.steps, root)
+        diff, where = compare(_params(root / "one"), _params(root / f"ddp{nproc}"))
+        l1, ln = _losses(root / "one"), _losses(root / f"ddp{nproc}")
+    loss_diff = max((abs(a - b) for a, b in zip(l1, ln)), default=0.0)
+    ok = diff <= args.tol
+    print(f"1 process x batch {s1['global_batch']} vs {nproc} processes x batch "
+          f"{values['batch_size']} ({sn['global_batch']} global), {args.steps} steps, "
+          f"model {values.get('model', 'linear')}")
+    print(f"largest parameter difference: {diff:.3e} ({where or '-'}); largest loss difference "
+          f"over {len(l1)} steps: {loss_diff:.3e}; tolerance {args.tol:g}")
+    print("PASS: N-process training equals 1-process training" if ok else
+          "FAIL: the runs diverge beyond the tolerance")
+    return 0 if ok else 1
