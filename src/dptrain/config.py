@@ -71,7 +71,7 @@ class TrainConfig:
     accum: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
     optimizer: str = _opt("sgd", "optimizer", OPTIMIZERS)
     lr: float = _opt(0.01, "learning rate (before --lr-scaling)")
-    momentum: float = _opt(0.0, "SGD momentum")
+    momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(0.0, "weight decay")
     schedule: str = _opt("none", "learning-rate schedule", SCHEDULES)

@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
             "rng": {"cpu": rng_cpu, "cuda": rng_cuda, "data_seed": cfg.seed},
             "world_size": strategy.world_size,
             "config": cfg.to_dict(),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def save_checkpoint(p: Position) -> None:
@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
         "resumed_from": resumed_from,
         "restarts": restart,
         "stopped_by_signal": result.stopped_by_signal,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "out": cfg.out,
         **strategy.describe(),
     }

@@ -1,0 +1,1 @@
+"""Benchmarks and the honest baselines they are measured against."""

@@ -1,0 +1,81 @@
+"""The sharding arithmetic: the union of rank shards at every step is the 1-process batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dptrain.data.loader import Normalizer, ShardedLoader, eval_shard, random_shift
+
+N = 1000
+
+
+def make(world: int, rank: int, batch: int, accum: int = 1, seed: int = 3) -> ShardedLoader:
+    x = torch.arange(N, dtype=torch.int64)  # the "image" is its own index
+    return ShardedLoader(x, x.clone(), batch_size=batch, rank=rank, world=world, accum=accum,
+                         seed=seed, normalize=lambda t: t)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("accum", [1, 3])
+def test_union_of_shards_is_the_single_process_batch(world: int, accum: int):
+    per_rank = 8
+    single = make(1, 0, per_rank * world, accum)
+    ranks = [make(world, r, per_rank, accum) for r in range(world)]
+    assert all(r.steps_per_epoch == single.steps_per_epoch for r in ranks)
+    assert single.steps_per_epoch == N // (per_rank * world * accum)
+    for epoch in (0, 1):
+        steps = list(single.epoch(epoch))
+        shards = [list(r.epoch(epoch)) for r in ranks]
+        assert len(steps) == single.steps_per_epoch
+        for s, micro in enumerate(steps):
+            for k, (xb, _) in enumerate(micro):
+                union = torch.cat([shards[r][s][k][0] for r in range(world)])
+                assert torch.equal(union, xb)  # same samples, same order
+    # no sample twice within an epoch; exactly steps*global samples used (drop-last)
+    used = torch.cat([xb for micro in single.epoch(0) for xb, _ in micro])
+    assert len(used.unique()) == len(used) == single.steps_per_epoch * single.step_global
+
+
+def test_permutation_depends_on_seed_and_epoch_only():
+    a, b = make(1, 0, 10), make(1, 0, 10)
+    assert torch.equal(a.permutation(2), b.permutation(2))
+    assert not torch.equal(a.permutation(0), a.permutation(1))
+    assert not torch.equal(a.permutation(0), make(1, 0, 10, seed=4).permutation(0))
+
+
+def test_resuming_mid_epoch_yields_the_remaining_steps():
+    loader = make(2, 1, 16)
+    full = list(loader.epoch(1))
+    tail = list(loader.epoch(1, start_step=5))
+    assert len(tail) == len(full) - 5
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(full[5:], tail))
+
+
+@pytest.mark.parametrize("n", [10_000, 9_999, 7, 1])
+@pytest.mark.parametrize("world", [1, 2, 3, 7, 16])
+def test_eval_shards_count_every_sample_once(n: int, world: int):
+    spans = [eval_shard(n, r, world) for r in range(world)]
+    covered = [i for start, end in spans for i in range(start, end)]
+    assert covered == list(range(n))
+    sizes = [end - start for start, end in spans]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_normalizer_matches_the_tutorial_transform():
+    x = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    got = Normalizer(0.1307, 0.3081)(x)
+    want = ((x.float() / 255.0 - 0.1307) / 0.3081).unsqueeze(1)
+    assert got.shape == (4, 1, 28, 28)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_random_shift_is_deterministic_and_a_translation():
+    x = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    x[:, 10, 10] = 255
+    a = random_shift(x, 0, 0, 5, 0, 0)
+    assert torch.equal(a, random_shift(x, 0, 0, 5, 0, 0))
+    for img in a:
+        (r, c), = (img == 255).nonzero().tolist()
+        assert abs(r - 10) <= 2 and abs(c - 10) <= 2
+        assert int((img > 0).sum()) == 1

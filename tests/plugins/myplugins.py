@@ -1,0 +1,44 @@
+"""Plug-ins defined outside the package, as a user would write them (on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def not_a_module() -> int:
+    return 3
+
+
+class WithUnused(nn.Module):
+    """A model whose ``extra`` head gets no gradient: DDP needs find_unused_parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.extra = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def with_unused() -> nn.Module:
+    return WithUnused()
+
+
+def blobs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float features (already normalised), 10 classes, learnable."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 1, 28, 28, generator=g)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        return centers[y] + 0.8 * torch.randn(n, 1, 28, 28, generator=g), y
+
+    tx, ty = make(2000)
+    vx, vy = make(500)
+    return tx, ty, vx, vy
