@@ -206,9 +206,8 @@ def build_parser() -> Parser:
                    help="TOML configuration; flags override it")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as TOML and exit")
-    # the legacy torch.distributed.launch passes --local-rank=N (older: --local_rank)
-    t.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                   help=argparse.SUPPRESS)
+    # the legacy torch.distributed.launch passes --local-rank=N: see split_local_rank
+    t.set_defaults(local_rank=None)
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -231,9 +230,36 @@ examples:
 """
 
 
+def split_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """Remove the legacy launcher's ``--local-rank=N`` (it puts it before the subcommand)."""
+    rest, local_rank, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local-rank", "--local_rank"):
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            try:
+                local_rank = int(value)
+            except ValueError:
+                raise UsageError(f"--local-rank must be an integer, got {value!r}") from None
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, local_rank
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv, local_rank = split_local_rank(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    if local_rank is not None:
+        args.local_rank = local_rank
     try:
         return args.func(args)
     except UsageError as exc:

@@ -150,13 +150,14 @@ def init_process_group(env: DistEnv, backend: str, device: torch.device,
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly and report errors early
-    # env:// so that under torchrun the workers join the elastic agent's own store
-    # (TORCHELASTIC_USE_AGENT_STORE) instead of trying to bind MASTER_PORT a second time.
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    # Under torchrun, env:// joins the elastic agent's own store (TORCHELASTIC_USE_AGENT_STORE)
+    # instead of binding MASTER_PORT a second time. Elsewhere (srun, one local process) rank 0
+    # hosts the store at the address we resolved, without touching os.environ.
+    init_method = ("env://" if env.source in ("torchrun", "legacy")
+                   else f"tcp://{env.master_addr}:{env.master_port}")
     tdist.init_process_group(
         backend=backend,
-        init_method="env://",
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

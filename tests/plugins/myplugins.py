@@ -42,3 +42,24 @@ def blobs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tx, ty = make(2000)
     vx, vy = make(500)
     return tx, ty, vx, vy
+
+
+class Exploding(nn.Module):
+    """Linear model whose forward raises on rank 1 at its 5th call: an injected worker crash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == 5:
+            raise RuntimeError("injected failure in rank 1")
+        return self.body(x)
+
+
+def exploding() -> nn.Module:
+    return Exploding()

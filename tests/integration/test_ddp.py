@@ -1,0 +1,113 @@
+"""Real gloo process groups on 127.0.0.1: equivalence, exact evaluation, launchers, crashes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dptrain import launch
+from dptrain.data.datasets import synthetic
+from dptrain.data.loader import Normalizer
+from dptrain.dist import DistEnv, free_port
+from dptrain.loop import evaluate
+from dptrain.models import build_model
+from dptrain.strategies.single import SingleDevice
+from dptrain.verify import compare, run_pair
+from tests.conftest import clean_env, run_cli
+from tests.integration.workers import eval_worker
+
+BASE = {"dataset": "synthetic", "data_root": "unused", "batch_size": 8, "lr": 0.05,
+        "momentum": 0.9, "seed": 11, "threads": 1}
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def losses(path: Path) -> list[float]:
+    import json
+
+    return [json.loads(x)["loss"] for x in (path / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x]
+
+
+@pytest.mark.parametrize("nproc, model", [(1, "linear"), (2, "myplugins:mlp"), (3, "linear")])
+def test_n_processes_equal_one_process_with_the_global_batch(tmp_path, nproc, model):
+    s1, sn = run_pair({**BASE, "model": model}, nproc, 25, tmp_path)
+    assert s1["global_batch"] == sn["global_batch"] == 8 * nproc
+    assert sn["world_size"] == nproc and sn["strategy"] == "ddp" and s1["strategy"] == "single"
+    diff, _ = compare(load(tmp_path / "one"), load(tmp_path / f"ddp{nproc}"))
+    assert diff <= 1e-5
+    l1, ln = losses(tmp_path / "one"), losses(tmp_path / f"ddp{nproc}")
+    assert len(l1) == len(ln) == 25
+    assert max(abs(a - b) for a, b in zip(l1, ln)) <= 1e-5
+    assert s1["test_accuracy"] == sn["test_accuracy"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_evaluation_counts_each_sample_once(world):
+    results = launch.launch(eval_worker, ("convnet",), nproc=world)
+    splits = synthetic()
+    torch.manual_seed(0)
+    model = build_model("convnet")
+    ref = evaluate(model, splits.test_x, splits.test_y, SingleDevice(DistEnv(),
+                   torch.device("cpu")), Normalizer(splits.mean, splits.std), 1000,
+                   torch.autocast("cpu", enabled=False))
+    assert ref[2] == 1000
+    for acc, loss, n in results.values():
+        assert n == 1000  # 1000 is not divisible by 3: no padding, no duplicates
+        assert acc == ref[0]
+        assert abs(loss - ref[1]) < 1e-6
+
+
+def test_worker_crash_ends_the_job_quickly_with_rank_and_traceback(tmp_path):
+    t0 = time.monotonic()
+    r = run_cli("train", "--nproc", "2", "--dataset", "synthetic", "--model",
+                "myplugins:exploding", "--out", str(tmp_path / "o"), "--threads", "1",
+                "--timeout-s", "60", timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode not in (0, 2)
+    assert "worker rank 1" in r.stderr
+    assert "Traceback" in r.stderr and "injected failure in rank 1" in r.stderr
+    assert elapsed < 45  # the other worker was stopped, not left waiting for the timeout
+
+
+def test_external_torchrun_and_legacy_launcher_match_our_launcher(tmp_path):
+    args = ["--dataset", "synthetic", "--model", "linear", "--max-steps", "20", "--seed", "3",
+            "--threads", "1", "--quiet"]
+    ours = run_cli("train", "--nproc", "2", *args, "--out", str(tmp_path / "ours"))
+    assert ours.returncode == 0, ours.stderr
+    env = clean_env()
+    tr = run_cli("--standalone", "--nproc-per-node", "2", "-m", "dptrain", "train", *args,
+                 "--out", str(tmp_path / "torchrun"), module="torch.distributed.run", env=env, timeout=120)
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    legacy = run_cli("--nproc-per-node", "2", "--master-port", str(free_port()),
+                     "-m", "dptrain", "train", *args, "--out", str(tmp_path / "legacy"),
+                     module="torch.distributed.launch", env=env, timeout=120)
+    assert legacy.returncode == 0, legacy.stderr[-2000:]
+    a = load(tmp_path / "ours")
+    for other in ("torchrun", "legacy"):
+        b = load(tmp_path / other)
+        assert all(torch.equal(a[k], b[k]) for k in a), other
+    assert "test accuracy" in tr.stdout
+
+
+def test_verify_command_passes_for_two_processes():
+    r = run_cli("verify", "--nproc", "2", "--steps", "10", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PASS" in r.stdout and "largest parameter difference" in r.stdout
+
+
+def test_verify_fails_when_runs_differ():
+    # dropout: different masks per process, by design -> the check must say FAIL (exit 1)
+    r = run_cli("verify", "--nproc", "2", "--steps", "5", "--model", "cnn", "--threads", "1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "FAIL" in r.stdout
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip("process-group tests run on Linux")
