@@ -8,6 +8,7 @@ with one ``error:`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -211,13 +212,12 @@ def build_parser() -> Parser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    from dptrain import verify
-
-    verify.add_parser(sub)
-    from dptrain import slurm
-
-    slurm.add_parser(sub)
+    for name in SUBCOMMAND_MODULES:  # each module owns its subcommand's flags and handler
+        importlib.import_module(name).add_parser(sub)
     return parser
+
+
+SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.slurm")
 
 
 TRAIN_EXAMPLES = """\

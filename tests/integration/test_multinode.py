@@ -47,7 +47,7 @@ def test_two_nodes_match_one_node(namespaces, tmp_path):
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env))
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (so, se) in zip(procs, outs):
+    for p, (_, se) in zip(procs, outs):
         assert p.returncode == 0, se[-3000:]
     assert "ddp x 2" in outs[0][0]  # node 0 hosts global rank 0 and prints the result
     one = run_cli("train", "--nproc", "2", *ARGS, "--out", str(tmp_path / "one"))

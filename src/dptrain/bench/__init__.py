@@ -13,6 +13,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,81 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _proc_stat() -> tuple[int, int]:
+    """(total, idle) CPU jiffies since boot, all CPUs together."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]  # idle + iowait; guest time is in user
+
+
+class OtherLoad:
+    """How busy *other* processes kept the machine while our child processes ran.
+
+    Busy CPU time from ``/proc/stat`` minus the CPU time of this process and its waited-for
+    children (``getrusage``), as a fraction of all cores over the interval. Linux only;
+    ``None`` elsewhere. Use around ``subprocess.run``/``Popen.wait``.
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self.fraction: float | None = None
+        try:
+            self._stat = _proc_stat()
+        except (OSError, ValueError, IndexError):
+            self._stat = None
+        self._own = _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stat is None:
+            return
+        try:
+            total1, idle1 = _proc_stat()
+        except (OSError, ValueError, IndexError):
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        total = (total1 - self._stat[0]) / hz
+        busy = total - (idle1 - self._stat[1]) / hz
+        own = _own_cpu_s() - self._own
+        if total > 0:
+            self.fraction = min(1.0, max(0.0, (busy - own) / total))
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_busy(interval_s: float = 0.5) -> float | None:
+    """Fraction of all CPU time spent busy over ``interval_s`` (Linux ``/proc/stat``).
+
+    Taken just before a timed run, it says whether something else was using the machine:
+    on a small machine one busy core can halve a multi-threaded figure.
+    """
+
+    try:
+        total0, idle0 = _proc_stat()
+        time.sleep(interval_s)
+        total1, idle1 = _proc_stat()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (total - (idle1 - idle0)) / total if total > 0 else None
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float | None:
+    """Wait (up to ``max_wait_s``) until the machine is at most ``threshold`` busy.
+
+    Returns the last busy fraction measured, to be saved beside the figure it precedes.
+    """
+    deadline = time.monotonic() + max_wait_s
+    busy = cpu_busy()
+    while busy is not None and busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy(1.0)
+    return busy
 
 
 def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
