@@ -56,12 +56,17 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load and sanity-check one checkpoint; any problem is a :class:`UsageError`."""
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist (or is not a file); check --resume")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise UsageError(f"checkpoint {path} is corrupt or truncated (not a torch.save zip "
+                         "archive); resume from an earlier checkpoint or start a fresh run")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = next((line.strip() for line in str(exc).splitlines()
+                       if "Unsupported global" in line or "Unsupported operand" in line),
+                      "objects outside the allowed set")
         raise UsageError(f"checkpoint {path} holds objects that are not allowed with "
-                         f"weights_only=True ({first}); refusing to load it") from None
+                         f"weights_only=True ({reason}); refusing to load it") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"checkpoint {path} is corrupt or truncated ({first}); resume from "

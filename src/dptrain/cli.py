@@ -217,7 +217,7 @@ def build_parser() -> Parser:
     return parser
 
 
-SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.slurm")
+SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.plot", "dptrain.slurm", "dptrain.doctor")
 
 
 TRAIN_EXAMPLES = """\

@@ -150,19 +150,24 @@ def init_process_group(env: DistEnv, backend: str, device: torch.device,
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly and report errors early
-    # Under torchrun, env:// joins the elastic agent's own store (TORCHELASTIC_USE_AGENT_STORE)
-    # instead of binding MASTER_PORT a second time. Elsewhere (srun, one local process) rank 0
-    # hosts the store at the address we resolved, without touching os.environ.
-    init_method = ("env://" if env.source in ("torchrun", "legacy")
-                   else f"tcp://{env.master_addr}:{env.master_port}")
-    tdist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    common = {"backend": backend, "rank": env.rank, "world_size": env.world_size,
+              "timeout": timeout, **kwargs}
+    if env.source in ("torchrun", "legacy") and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        # Join the elastic agent's store, under a prefix per restart attempt. Plain env://
+        # reuses the static rendezvous' store across restarts *without* a prefix, so restarted
+        # workers read the dead attempt's addresses and hang in gloo's connectFullMesh.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        client = tdist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                                is_master=False, timeout=timeout)
+        tdist.init_process_group(store=tdist.PrefixStore(f"/dptrain/attempt_{attempt}", client),
+                                 **common)
+    elif env.source in ("torchrun", "legacy"):
+        tdist.init_process_group(init_method="env://", **common)
+    else:  # srun, or one local process: rank 0 hosts the store; os.environ stays untouched
+        tdist.init_process_group(init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                 **common)
 
 
 def destroy_process_group() -> None:

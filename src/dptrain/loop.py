@@ -156,11 +156,12 @@ class Trainer:
                  model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader,
                  scaler: torch.amp.GradScaler, peak_lr: float, total_steps: int,
                  on_checkpoint: Callable[[Position], None],
-                 on_epoch_end: Callable[[Position], None]) -> None:
+                 on_epoch_end: Callable[[Position], None], stop: StopRequest) -> None:
         self.cfg, self.strategy, self.reporter = cfg, strategy, reporter
         self.model, self.optimizer, self.loader, self.scaler = model, optimizer, loader, scaler
         self.peak_lr, self.total_steps = peak_lr, total_steps
         self.on_checkpoint, self.on_epoch_end = on_checkpoint, on_epoch_end
+        self.stop = stop
         self.device = strategy.device
         # [loss sum since the last sync, micro-batches in it, non-finite losses seen]
         self.running = torch.zeros(3, device=self.device)
@@ -217,38 +218,38 @@ class Trainer:
         timer = Stopwatch(self.device)
         last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
         self.model.train()
-        with StopRequest() as stop:
-            while pos.step < self.total_steps and not result.stopped_by_signal:
-                for micro in loader.epoch(pos.epoch, pos.step_in_epoch):
-                    self.step(micro, pos.step)
-                    pos.step += 1
-                    pos.step_in_epoch += 1
-                    timer.after_step(loader.step_global)
-                    ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
-                    if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps
-                            or ckpt_due or pos.step_in_epoch == loader.steps_per_epoch):
-                        loss, stop_now = self.sync_point(stop)
-                        now = timer.now()
-                        dt, ds = now - last_log[0], timer.samples - last_log[1]
-                        last_log = (now, timer.samples)
-                        result.last_loss = loss
-                        result.losses.append((pos.step, loss))
-                        self.reporter.train_step(pos.step, self.total_steps, pos.epoch, loss,
-                                                 self.lr(pos.step - 1),
-                                                 ds / dt if dt > 0 and ds else math.nan)
-                        if ckpt_due or stop_now:
-                            with timer.paused():
-                                self.on_checkpoint(pos)
-                        if stop_now:
-                            result.stopped_by_signal = True
-                            break
-                    if pos.step >= self.total_steps:
+        stop = self.stop
+        while pos.step < self.total_steps and not result.stopped_by_signal:
+            for micro in loader.epoch(pos.epoch, pos.step_in_epoch):
+                self.step(micro, pos.step)
+                pos.step += 1
+                pos.step_in_epoch += 1
+                timer.after_step(loader.step_global)
+                ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
+                if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps
+                        or ckpt_due or pos.step_in_epoch == loader.steps_per_epoch):
+                    loss, stop_now = self.sync_point(stop)
+                    now = timer.now()
+                    dt, ds = now - last_log[0], timer.samples - last_log[1]
+                    last_log = (now, timer.samples)
+                    result.last_loss = loss
+                    result.losses.append((pos.step, loss))
+                    self.reporter.train_step(pos.step, self.total_steps, pos.epoch, loss,
+                                             self.lr(pos.step - 1),
+                                             ds / dt if dt > 0 and ds else math.nan)
+                    if ckpt_due or stop_now:
+                        with timer.paused():
+                            self.on_checkpoint(pos)
+                    if stop_now:
+                        result.stopped_by_signal = True
                         break
-                if pos.step_in_epoch == loader.steps_per_epoch and not result.stopped_by_signal:
-                    with timer.paused():
-                        self.on_epoch_end(pos)
-                    pos.epoch += 1
-                    pos.step_in_epoch = 0
+                if pos.step >= self.total_steps:
+                    break
+            if pos.step_in_epoch == loader.steps_per_epoch and not result.stopped_by_signal:
+                with timer.paused():
+                    self.on_epoch_end(pos)
+                pos.epoch += 1
+                pos.step_in_epoch = 0
         timer.stop()
         result.train_time_s = timer.elapsed
         result.timed_steps = timer.steps

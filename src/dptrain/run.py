@@ -20,7 +20,7 @@ from dptrain.config import TrainConfig, to_toml
 from dptrain.data.datasets import load_splits
 from dptrain.data.loader import Normalizer, ShardedLoader
 from dptrain.errors import UsageError
-from dptrain.loop import LoopResult, Position, Trainer, autocast, evaluate
+from dptrain.loop import LoopResult, Position, StopRequest, Trainer, autocast, evaluate
 from dptrain.metrics import Reporter, setup_logging
 from dptrain.models import build_model, has_batchnorm
 from dptrain.optim import build_optimizer, scaled_lr
@@ -84,14 +84,15 @@ def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: floa
                             tensorboard=cfg.tensorboard)
         if strategy.is_main:
             (out / "config.toml").write_text(to_toml(cfg))
-        return _train(cfg, strategy, reporter, resume, started_at, restart)
+        with StopRequest() as stop:  # from here on, SIGTERM means "checkpoint, then stop"
+            return _train(cfg, strategy, reporter, resume, started_at, restart, stop)
     finally:
         reporter.close()
         strategy.teardown()
 
 
 def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, resume: str,
-           started_at: float, restart: int) -> dict[str, Any]:
+           started_at: float, restart: int, stop: StopRequest) -> dict[str, Any]:
     device = strategy.device
     splits = load_splits(cfg.dataset, cfg.data_root, log=reporter.info).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -100,8 +101,6 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
     torch.manual_seed(cfg.seed)  # identical initial parameters for every world size
     model = build_model(cfg.model)
     bn = has_batchnorm(model)
-    if cfg.sync_bn and strategy.name == "ddp":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
 
     loader = ShardedLoader(splits.train_x, splits.train_y, batch_size=cfg.batch_size,
@@ -168,7 +167,13 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
         }
 
     def save_checkpoint(p: Position) -> None:
-        strategy.sync_buffers(strategy.unwrap(_uncompiled(wrapped)))
+        plain = strategy.unwrap(_uncompiled(wrapped))
+        finite = torch.stack([torch.isfinite(t).all() for t in plain.state_dict().values()
+                              if t.is_floating_point()]).all()
+        if not bool(finite):  # never replace a good checkpoint with a diverged model
+            raise UsageError(f"non-finite parameters at step {p.step}; lower --lr; the last "
+                             "good checkpoint is kept")
+        strategy.sync_buffers(plain)
         state = checkpoint_state(p)  # collective: on every rank
         ckpt.save(state, p.step)
         strategy.barrier()
@@ -186,7 +191,8 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
             run_eval(p)
 
     trainer = Trainer(cfg, strategy, reporter, wrapped, optimizer, loader, scaler, peak_lr,
-                      total_steps, on_checkpoint=save_checkpoint, on_epoch_end=on_epoch_end)
+                      total_steps, on_checkpoint=save_checkpoint, on_epoch_end=on_epoch_end,
+                      stop=stop)
     reporter.info(f"{strategy.name} on {device} x {strategy.world_size} "
                   f"({strategy.backend}), model {cfg.model}, global batch {global_batch}, "
                   f"lr {peak_lr:g}, {total_steps} steps ({loader.steps_per_epoch}/epoch)")

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, only=("model", "dataset", "data_root", "batch_size", "nproc", "lr",
                               "optimizer", "momentum", "accum", "sync_bn", "seed", "threads",
                               "precision", "weight_decay"))
-    p.set_defaults(nproc="2", dataset="synthetic", batch_size=16, lr=0.05, momentum=0.9)
+    p.set_defaults(nproc="2", dataset="synthetic", batch_size=16, lr=0.01, momentum=0.9)
 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -89,9 +89,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     nproc = int(values.get("nproc", "2"))
     if nproc < 1 or args.steps < 1 or not args.tol > 0:
         raise UsageError("--nproc and --steps must be at least 1 and --tol positive")
-    if has_batchnorm(build_model(values.get("model", "linear"))) and not values.get("sync_bn"):
+    model = build_model(values.get("model", "linear"))
+    if has_batchnorm(model) and not values.get("sync_bn"):
         print("note: the model has BatchNorm: without --sync-bn each process normalises with "
               "its own batch statistics, so results differ from one process by design")
+    if any(isinstance(m, torch.nn.Dropout) for m in model.modules()):
+        print("note: the model has dropout: each process draws its own masks, so results "
+              "differ from one process by design")
     with tempfile.TemporaryDirectory(prefix="dptrain-verify-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         s1, sn = run_pair(values, nproc, args.steps, root)

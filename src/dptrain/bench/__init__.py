@@ -14,6 +14,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,32 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> float | None:
     while busy is not None and busy > threshold and time.monotonic() < deadline:
         busy = cpu_busy(1.0)
     return busy
+
+
+def run_quietly(
+    fn: Callable[[], dict[str, Any]],
+    *,
+    wait_quiet_s: float,
+    retries: int,
+    threshold: float = 0.1,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run one timed measurement ``fn`` on a machine that other processes leave alone.
+
+    Waits for the CPUs to be idle first; if other processes still took more than
+    ``threshold`` of the machine while ``fn`` ran, the result is set aside and ``fn`` run
+    again, at most ``retries`` more times. Each result records ``cpu_busy_before`` and
+    ``other_load_during``. Returns the kept result and the set-aside ones (report both).
+    """
+    discarded: list[dict[str, Any]] = []
+    for attempt in range(retries + 1):
+        busy = wait_for_quiet(wait_quiet_s, threshold)
+        with OtherLoad() as other:
+            result = fn()
+        result.update(cpu_busy_before=busy, other_load_during=other.fraction)
+        if (other.fraction or 0.0) <= threshold or attempt == retries:
+            return result, discarded
+        discarded.append(result)
+    raise AssertionError("unreachable")
 
 
 def machine_info(argv: list[str] | None = None) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def build(cfg: TrainConfig, env: DistEnv, *, count_comm: bool = False) -> Strate
             find_unused_parameters=cfg.find_unused_parameters,
             comm_hook=cfg.comm_hook,
             count_comm=count_comm,
+            sync_bn=cfg.sync_bn,
         )
         backend = resolve_backend(cfg.backend, device)
         return DistributedDataParallel(env, device, backend=backend, timeout_s=cfg.timeout_s,

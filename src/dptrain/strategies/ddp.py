@@ -14,6 +14,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dptrain import dist
+from dptrain.strategies import syncbn
 from dptrain.strategies.base import Strategy
 
 
@@ -25,6 +26,7 @@ class DDPOptions:
     find_unused_parameters: bool = False
     comm_hook: str = "none"  # none | fp16 | bf16
     count_comm: bool = False  # count all-reduce calls and bytes (tests, bench)
+    sync_bn: bool = False  # BatchNorm statistics over the global batch
 
 
 class CommCounter:
@@ -37,7 +39,8 @@ class CommCounter:
 
 
 def _counting(hook):  # noqa: ANN001, ANN202 - torch's hook signature
-    def counted(state: CommCounter, bucket: tdist.GradBucket) -> torch.futures.Future:
+    # no annotations: DDP checks them literally, and this module's are postponed strings
+    def counted(state, bucket):  # noqa: ANN001, ANN202
         state.calls += 1
         state.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
         return hook(state.process_group, bucket)
@@ -71,6 +74,8 @@ class DistributedDataParallel(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
+        if o.sync_bn:
+            model = syncbn.convert(model, self.device)
         ddp = DDP(
             model,
             device_ids=[self.device] if self.device.type == "cuda" else None,

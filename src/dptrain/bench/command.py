@@ -1,0 +1,341 @@
+"""``dptrain bench``: measured throughput, step-time breakdown, memory and scaling predictions.
+
+Every configuration runs in fresh processes started by PyTorch's elastic launcher
+(:func:`dptrain.launch.launch`); configurations that cannot run here are reported as skipped,
+with the reason. Writes ``results.json``, ``report.md`` and PNG plots into ``--out``::
+
+    dptrain bench --quick --out bench-quick                 # < 3 min on 2 CPU cores
+    dptrain bench --strategies ddp --nproc 1,2,4 --model cnn --steps 100 --out bench-cnn
+    dptrain bench comm --sizes 4K,1M,64M --nproc 2          # all-reduce sweep only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dptrain.errors import UsageError
+
+DEFAULTS: dict[str, Any] = {
+    "strategies": "single,dp,ddp", "nproc": "1,2", "model": "convnet", "batch_size": 64,
+    "steps": 50, "warmup": 5, "repeats": 3, "dataset": "mnist", "threads": 0, "seed": 0,
+    "lr": 0.01, "device": "auto", "bucket_cap_mb": 25.0, "sizes": None, "iters": 20,
+    "baseline_steps": 300,
+}
+QUICK: dict[str, Any] = {"steps": 30, "warmup": 3, "repeats": 2, "iters": 10,
+                         "baseline_steps": 200}
+
+FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("strategies", str, "comma-separated strategies: single, dp, ddp"),
+    ("nproc", str, "comma-separated process counts (GPUs for dp); 'auto' = GPUs or cores"),
+    ("model", str, "model name, or package.module:factory"),
+    ("batch_size", int, "samples per process (per GPU for dp) per step"),
+    ("steps", int, "timed optimizer steps per repeat"),
+    ("warmup", int, "untimed warm-up steps before them"),
+    ("repeats", int, "fresh launches per configuration (mean ± std over them)"),
+    ("dataset", str, "mnist, fashion-mnist, synthetic or package.module:factory"),
+    ("threads", int, "intra-op threads per process; 0 = CPU cores / processes"),
+    ("seed", int, "seed: the same initial model and data order for every configuration"),
+    ("lr", float, "SGD learning rate (momentum 0.9)"),
+    ("device", str, "auto, cpu or cuda"),
+    ("bucket_cap_mb", float, "DDP gradient bucket size in MiB"),
+    ("sizes", str, "all-reduce message sizes (comm sweep), e.g. 4K,64K,1M,64M"),
+    ("iters", int, "all-reduces timed per message size"),
+    ("baseline_steps", int, "steps of the tutorial-loop baseline row; 0 = no baseline row"),
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``dptrain bench`` (and ``dptrain bench comm``) on the CLI's subparsers."""
+    from dptrain.bench.comm import DEFAULT_SIZES, QUICK_SIZES
+
+    p = sub.add_parser(
+        "bench", help="measure throughput, scaling and communication; predict scaling",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30, width=100))
+    p.add_argument("what", nargs="?", choices=("run", "comm"), default="run",
+                   help="run: the full benchmark (default); comm: the all-reduce sweep only")
+    for name, kind, text in FLAGS:
+        default = DEFAULTS[name] if name != "sizes" else DEFAULT_SIZES
+        quick = QUICK.get(name, QUICK_SIZES if name == "sizes" else None)
+        shown = f"default: {default}" + (f"; --quick: {quick}" if quick is not None else "")
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       metavar=name.upper(), help=f"{text} ({shown})")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="dataset root (default: $DPTRAIN_DATA, else ./data)")
+    p.add_argument("--quick", action="store_true",
+                   help="small configuration: finishes in a few minutes on 2 CPU cores")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write PNG plots (needs matplotlib) (default: yes)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: runs/bench-<timestamp>; for comm: none)")
+    p.set_defaults(func=cmd_bench)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags > --quick > defaults, parsed and checked; raises :class:`UsageError`."""
+    from dptrain.bench.comm import DEFAULT_SIZES, QUICK_SIZES, parse_sizes
+    from dptrain.config import DATASETS, MODELS
+
+    o = dict(DEFAULTS, sizes=QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if args.quick:
+        o.update(QUICK)
+    o.update({name: getattr(args, name) for name, _, _ in FLAGS
+              if getattr(args, name, None) is not None})
+    o["data_root"] = args.data_root or os.environ.get("DPTRAIN_DATA", "./data")
+    for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("repeats", 1),
+                      ("threads", 0), ("seed", 0), ("iters", 1), ("baseline_steps", 0)):
+        if o[name] < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {o[name]}")
+    if not o["lr"] > 0 or not o["bucket_cap_mb"] > 0:
+        raise UsageError("--lr and --bucket-cap-mb must be positive numbers")
+    if o["device"] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {o['device']!r} is not one of auto, cpu, cuda")
+    if ":" not in o["model"] and o["model"] not in MODELS:
+        raise UsageError(f"unknown --model {o['model']!r}: use one of {', '.join(MODELS)} or "
+                         "package.module:factory")
+    if ":" not in o["dataset"] and o["dataset"] not in DATASETS:
+        raise UsageError(f"unknown --dataset {o['dataset']!r}: use one of "
+                         f"{', '.join(DATASETS)} or package.module:factory")
+    o["strategies"] = _strategies(o["strategies"])
+    o["nprocs"] = _nprocs(o.pop("nproc"), o["device"])
+    o["sizes"] = parse_sizes(o["sizes"])
+    o["quick"], o["plots"], o["what"] = args.quick, args.plots, args.what
+    return o
+
+
+def _strategies(text: str) -> list[str]:
+    from dptrain.bench.plan import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise UsageError(f"--strategies {text!r}: use a comma-separated list of "
+                         f"{', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
+def _nprocs(text: str, device: str) -> list[int]:
+    from dptrain.bench import usable_cores
+
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "auto":
+            import torch
+
+            gpu = device != "cpu" and torch.cuda.is_available()
+            out.append(torch.cuda.device_count() if gpu else usable_cores())
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--nproc {text!r}: use positive integers (or auto), e.g. 1,2,4")
+        out.append(n)
+    if not out:
+        raise UsageError("--nproc is empty; give process counts like 1,2")
+    return sorted(set(out))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Entry point of ``dptrain bench``."""
+    o = options(args)
+    if o["what"] == "comm":
+        return run_comm(o, args.out)
+    return run_bench(o, Path(args.out or Path("runs") / datetime.now().strftime(
+        "bench-%Y%m%d-%H%M%S")))
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if (out / "results.json").exists():
+        raise UsageError(f"--out {out} already holds a bench result (results.json); choose "
+                         "another --out or remove it")
+
+
+def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], list[dict]]:
+    from dptrain.bench.comm import feasible, run_sweep
+
+    sweeps, skipped = [], []
+    for n in ns:
+        why = feasible(n, o["device"])
+        if why:
+            skipped.append({"n": n, "reason": why})
+            print(f"comm sweep n={n}: skipped ({why})", flush=True)
+            continue
+        sweep = run_sweep(n, o["sizes"], iters=o["iters"], device=o["device"])
+        sweeps.append(sweep)
+        best = max(p["busbw_Bps"] for p in sweep["points"])
+        print(f"comm sweep n={n} ({sweep['backend']}): {len(sweep['points'])} sizes, best "
+              f"busbw {best / 1e9:.2f} GB/s ({sweep['wall_s']:.1f} s)", flush=True)
+    return sweeps, skipped
+
+
+def run_comm(o: dict[str, Any], out: str | None) -> int:
+    """``dptrain bench comm``: the sweep alone; prints the table, optionally saves it."""
+    from dptrain.bench import machine_info
+    from dptrain.bench.comm import sweep_table
+
+    ns = [n for n in o["nprocs"] if n >= 2]
+    if not ns:
+        raise UsageError("dptrain bench comm needs --nproc N with N >= 2 (an all-reduce among "
+                         "one process measures nothing)")
+    sweeps, skipped = _sweeps(o, ns)
+    print("\n".join(sweep_table(sweeps)))
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        doc = {"machine": machine_info(), "sweeps": sweeps, "skipped": skipped}
+        (path / "comm.json").write_text(json.dumps(doc, indent=1))
+        if o["plots"]:
+            from dptrain.bench.plots import plot_comm
+
+            plot_comm(path, sweeps, None)
+        print(f"wrote {path / 'comm.json'}")
+    return 0 if sweeps else 1
+
+
+def _run_config(c: Any, o: dict[str, Any]) -> dict[str, Any]:
+    from dptrain.bench.harness import baseline_worker, bench_worker, combine_ranks
+    from dptrain.launch import launch
+
+    spec = {"strategy": c.strategy, "model": c.model, "dataset": o["dataset"],
+            "data_root": o["data_root"], "batch_size": c.batch_size, "steps": c.steps,
+            "warmup": o["warmup"], "threads": o["threads"], "seed": o["seed"], "lr": o["lr"],
+            "device": o["device"], "bucket_cap_mb": o["bucket_cap_mb"], "gpus": c.nproc}
+    if c.role == "baseline":
+        return launch(baseline_worker, (spec,), nproc=1)[0]
+    procs = 1 if c.strategy == "dp" else c.nproc
+    return combine_ranks(launch(bench_worker, (spec,), nproc=procs))
+
+
+def run_bench(o: dict[str, Any], out: Path) -> int:
+    """The full benchmark; writes results.json, report.md and plots into ``out``."""
+    import torch
+
+    from dptrain.bench import OtherLoad, machine_info
+    from dptrain.bench import predict as P
+    from dptrain.bench.analysis import add_efficiency, comm_points, predictions, summarise
+    from dptrain.bench.plan import plan_configs, rotated
+    from dptrain.bench.report import throughput_rows, write_report
+    from dptrain.launch import WorkerFailure
+
+    started = time.perf_counter()
+    _check_out(out)
+    on_gpu = o["device"] != "cpu" and torch.cuda.is_available()
+    if o["device"] == "cuda" and not on_gpu:
+        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
+    _fetch_once(o)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    configs = plan_configs(o["strategies"], o["nprocs"], model=o["model"],
+                           batch_size=o["batch_size"], steps=o["steps"],
+                           baseline_steps=o["baseline_steps"], on_gpu=on_gpu, gpus=gpus)
+    for c in configs:
+        if c.skip:
+            print(f"{c.name}: skipped ({c.skip})", flush=True)
+    ns = sorted({c.nproc for c in configs if c.strategy == "ddp" and not c.skip and c.nproc > 1})
+    sweeps, sweep_skips = _sweeps(o, ns)
+    runnable = [c for c in configs if not c.skip]
+    total, done = len(runnable) * o["repeats"], 0
+    for r in range(o["repeats"]):
+        for c in rotated(runnable, r):
+            done += 1
+            if c.failure:
+                continue
+            t0 = time.perf_counter()
+            try:
+                with OtherLoad() as load:
+                    result = _run_config(c, o)
+            except WorkerFailure as exc:
+                c.failure = "worker failed: " + str(exc).strip().splitlines()[-1][:300]
+                print(f"[{done}/{total}] {c.name}: FAILED ({c.failure})", flush=True)
+                continue
+            result.update(repeat=r, wall_s=time.perf_counter() - t0, other_load=load.fraction)
+            c.repeats.append(result)
+            print(f"[{done}/{total}] {c.name} repeat {r + 1}/{o['repeats']}: "
+                  f"{result['samples_per_s']:,.0f} samples/s ({result['wall_s']:.1f} s)",
+                  flush=True)
+    for c in configs:
+        summarise(c)
+    add_efficiency(configs)
+    fit, fit_note = None, None
+    try:
+        fit = P.fit_cost_model(comm_points(sweeps))
+    except ValueError as exc:
+        fit_note = f"no cost-model fit: {exc}"
+    pred = predictions(configs, fit, cpu=not on_gpu, bucket_cap_mb=o["bucket_cap_mb"],
+                       fit_note=fit_note)
+    results = {
+        "schema": "dptrain-bench/1",
+        "options": {k: v for k, v in o.items() if k != "what"},
+        "machine": dict(machine_info(), gpus=gpus,
+                        gpu_names=[torch.cuda.get_device_name(i) for i in range(gpus)]),
+        "configurations": [c.to_dict() for c in configs],
+        "comm": {"sweeps": sweeps, "skipped": sweep_skips,
+                 "fit": fit.to_dict() if fit else None, "fit_note": fit_note},
+        "prediction": pred,
+    }
+    plots = None
+    if o["plots"]:
+        from dptrain.bench.plots import write_plots
+
+        plots = write_plots(out, configs, sweeps, fit, pred)
+    results["plots"] = plots
+    results["wall_time_s"] = time.perf_counter() - started
+    results = _finite(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(out, results, configs)
+    print("\n" + "\n".join(throughput_rows(configs)))
+    print(f"\nbench done in {results['wall_time_s']:.0f} s: {out / 'report.md'}, "
+          f"{out / 'results.json'}", flush=True)
+    return 0
+
+
+def _fetch_once(o: dict[str, Any]) -> None:
+    """Fetch MNIST-like data once here, not concurrently in every worker."""
+    from dptrain.data.datasets import RAW_DIRS
+
+    if o["dataset"] in RAW_DIRS:
+        from dptrain.data.fetch import ensure_dataset
+
+        ensure_dataset(o["dataset"], Path(o["data_root"]), log=print)
+
+
+def _finite(value: Any) -> Any:
+    """inf/nan -> None, so that results.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dptrain bench`` without the main CLI (until it registers this module)."""
+    from dptrain.cli import Parser
+
+    parser = Parser(prog="dptrain")
+    add_parser(parser.add_subparsers(dest="command", parser_class=Parser))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

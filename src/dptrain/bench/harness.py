@@ -1,0 +1,267 @@
+"""What runs inside each benchmark process, and how one configuration's ranks are combined.
+
+:func:`bench_worker` measures one configuration in one process of a fresh launch, using
+dptrain's own pieces (strategy, model, device-resident sharded loader). Three phases:
+
+1. **train**: ``warmup`` steps, then ``steps`` timed steps exactly as training runs them --
+   batch gather + normalise, forward, backward with gradient all-reduce, optimizer step. The
+   clock is device-synchronised at both ends. Gives samples/s, the loss curve and, through
+   DDP's comm hook, all-reduce calls and bytes.
+2. **data**: the loader alone (gather + normalise), ``steps`` batches timed one by one ->
+   ``data_s`` (median).
+3. **sync / no-sync**: ``steps`` steps with gradient all-reduce and ``steps`` steps under
+   ``strategy.no_sync(model)`` (the same work without communication), alternating step by step
+   so that a shared machine's drift hits both alike, on batches already prepared ->
+   ``compute_s`` = median no-sync step, exposed communication ``comm_s`` = median sync step -
+   ``compute_s``, clamped at 0. The replicas diverge in this phase (their updates are no longer
+   averaged), which is why it comes after the training phase.
+
+Medians of per-step times keep one descheduled step from deciding the breakdown; the
+throughput (phase 1) is total samples over total time.
+
+:func:`baseline_worker` runs the tutorial-style loop of :mod:`dptrain.bench.baseline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dptrain.data.loader import Batch
+
+
+def _quiet(_msg: str) -> None:
+    """Workers print nothing: the parent reports progress."""
+
+
+def rss_bytes() -> tuple[int | None, int | None]:
+    """(current, peak) resident set size of this process (``/proc/self/status``).
+
+    Falls back to ``getrusage`` (peak only) where ``/proc`` is missing.
+    """
+    try:
+        fields = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields.get("VmRSS"), fields.get("VmHWM")
+    except (OSError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return None, peak if sys.platform == "darwin" else peak * 1024
+
+
+def _sync(devices: list[torch.device]) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _batches(loader: Any) -> Iterator[Batch]:
+    """Endless stream of this rank's (only) micro-batch, epoch after epoch."""
+    for epoch in itertools.count():
+        for micro in loader.epoch(epoch):
+            yield micro[0]
+
+
+def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process of one configuration; returns this rank's measurements.
+
+    Args:
+        spec: ``strategy``, ``model``, ``dataset``, ``data_root``, ``batch_size``, ``steps``,
+            ``warmup``, ``threads`` (0 = cores / local processes), ``seed``, ``lr``,
+            ``device``, ``bucket_cap_mb`` and, for ``dp``, ``gpus``.
+    """
+    from dptrain import dist, strategies
+    from dptrain.config import TrainConfig
+    from dptrain.run import default_threads
+
+    env = dist.detect()
+    cfg = TrainConfig(strategy=spec["strategy"], model=spec["model"], dataset=spec["dataset"],
+                      data_root=spec["data_root"], batch_size=spec["batch_size"],
+                      device=spec["device"], bucket_cap_mb=spec["bucket_cap_mb"],
+                      seed=spec["seed"], quiet=True)
+    threads = spec["threads"] or default_threads(env.local_world_size)
+    torch.set_num_threads(threads)
+    strategy = strategies.build(cfg, env, count_comm=True)
+    strategy.setup()
+    try:
+        result = _measure(spec, cfg, strategy)
+    finally:
+        strategy.teardown()
+    result.update(rank=env.rank, world_size=env.world_size, threads=threads,
+                  backend=strategy.backend, device=str(strategy.device))
+    return result
+
+
+def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
+    from dptrain.data.datasets import load_splits
+    from dptrain.data.loader import Normalizer, ShardedLoader
+    from dptrain.models import build_model
+
+    device = strategy.device
+    devices = [device]
+    feed = cfg.batch_size
+    if strategy.name == "dp":  # one process drives `gpus` GPUs, each gets --batch-size samples
+        strategy.device_ids = list(range(spec["gpus"]))
+        devices = [torch.device("cuda", i) for i in strategy.device_ids]
+        feed = cfg.batch_size * spec["gpus"]
+    splits = load_splits(cfg.dataset, cfg.data_root, log=_quiet).to(device)
+    normalize = Normalizer(splits.mean, splits.std)
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+    rss_before, _ = rss_bytes()
+
+    torch.manual_seed(cfg.seed)  # the same initial parameters for every configuration
+    model = build_model(cfg.model).to(device)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                     if p.requires_grad)
+    loader = ShardedLoader(splits.train_x, splits.train_y, batch_size=feed,
+                           rank=strategy.rank, world=strategy.world_size, accum=1,
+                           seed=cfg.seed, normalize=normalize)
+    if loader.steps_per_epoch == 0:
+        from dptrain.errors import UsageError
+
+        raise UsageError(f"--batch-size {cfg.batch_size} x {strategy.world_size} processes is "
+                         f"larger than the training split ({len(splits.train_x)}); lower it")
+    wrapped = strategy.wrap(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=spec["lr"], momentum=0.9)
+    batches = _batches(loader)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(wrapped(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    steps, warmup = spec["steps"], spec["warmup"]
+    wrapped.train()
+    # --- 1. training, timed as a whole
+    for _ in range(warmup):
+        step(*next(batches))
+    comm = strategy.comm
+    calls0, bytes0 = (comm.calls, comm.bytes) if comm is not None else (0, 0)
+    _sync(devices)
+    start = time.perf_counter()
+    losses = [step(*next(batches)) for _ in range(steps)]
+    _sync(devices)
+    train_s = time.perf_counter() - start
+    calls = (comm.calls - calls0) if comm is not None else 0
+    nbytes = (comm.bytes - bytes0) if comm is not None else 0
+    loss_curve = torch.stack(losses).float().cpu().tolist()
+
+    # --- 2. the data pipeline alone, step by step; keep a few batches for phase 3
+    pool: list[Batch] = []
+    data_times = []
+    for _ in range(steps):
+        _sync(devices)
+        start = time.perf_counter()
+        batch = next(batches)
+        _sync(devices)
+        data_times.append(time.perf_counter() - start)
+        if len(pool) < 8:
+            pool.append(batch)
+
+    # --- 3. steps with and without gradient sync, interleaved so that drift hits both alike
+    sync_times, nosync_times = [], []
+    for i in range(min(warmup, 3) * 2 + 2 * steps):
+        xb, yb = pool[i % len(pool)]
+        ctx = strategy.no_sync(wrapped) if i % 2 else contextlib.nullcontext()
+        _sync(devices)
+        start = time.perf_counter()
+        with ctx:
+            step(xb, yb)
+        _sync(devices)
+        if i >= min(warmup, 3) * 2:
+            (nosync_times if i % 2 else sync_times).append(time.perf_counter() - start)
+
+    _, rss_peak = rss_bytes()
+    memory = []
+    for d in devices:
+        if d.type == "cuda":
+            memory.append({"device": str(d), "kind": "cuda_max_allocated",
+                           "bytes": torch.cuda.max_memory_allocated(d)})
+        else:
+            memory.append({"device": "cpu", "kind": "peak_rss", "bytes": rss_peak,
+                           "rss_before_model_bytes": rss_before})
+    data_s = statistics.median(data_times)
+    compute_s = statistics.median(nosync_times)
+    sync_step_s = statistics.median(sync_times)
+    return {
+        "train_s": train_s, "steps": steps, "warmup": warmup, "feed_batch": feed,
+        "step_s": train_s / steps, "data_s": data_s, "compute_s": compute_s,
+        "sync_step_s": sync_step_s, "comm_s": max(0.0, sync_step_s - compute_s),
+        "data_times_s": data_times, "sync_times_s": sync_times,
+        "nosync_times_s": nosync_times,
+        "allreduce_calls": calls, "allreduce_bytes": nbytes, "grad_bytes": grad_bytes,
+        "loss_curve": loss_curve, "memory": memory,
+    }
+
+
+def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One repeat of one configuration from its ranks' results.
+
+    Global samples/s uses the slowest rank's time (the ranks wait for each other anyway);
+    times per step are the mean over ranks; the loss is the mean of the ranks' losses, i.e.
+    the loss over the global batch (every rank has the same batch size).
+    """
+    rs = [ranks[r] for r in sorted(ranks)]
+    world = len(rs)
+    train_s = max(r["train_s"] for r in rs)
+    steps = rs[0]["steps"]
+    global_batch = rs[0]["feed_batch"] * world
+    curves = [r["loss_curve"] for r in rs]
+    loss_curve = [statistics.fmean(v) for v in zip(*curves, strict=True)]
+    mean = lambda key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+    return {
+        "samples_per_s": steps * global_batch / train_s,
+        "step_s": train_s / steps,
+        "data_s": mean("data_s"),
+        "compute_s": mean("compute_s"),
+        "comm_s": mean("comm_s"),
+        "global_batch": global_batch,
+        "allreduce_calls_per_step": rs[0]["allreduce_calls"] / steps,
+        "allreduce_bytes_per_step": rs[0]["allreduce_bytes"] / steps,
+        "grad_bytes": rs[0]["grad_bytes"],
+        "final_loss": loss_curve[-1],
+        "loss_curve": loss_curve,
+        "memory": [dict(m, rank=r["rank"]) for r in rs for m in r["memory"]],
+        "threads": rs[0]["threads"],
+        "backend": rs[0]["backend"],
+        "devices": [r["device"] for r in rs],
+        "ranks": rs,
+    }
+
+
+def baseline_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The tutorial-style loop (per-sample ``DataLoader``, ``Linear(784, 10)``) in this process."""
+    import math
+
+    from dptrain.bench.baseline import run_tutorial_linear
+    from dptrain.data.datasets import load_splits
+    from dptrain.run import default_threads
+
+    threads = spec["threads"] or default_threads(1)
+    torch.set_num_threads(threads)
+    splits = load_splits(spec["dataset"], spec["data_root"], log=_quiet)
+    batch = spec["batch_size"]
+    epochs = math.ceil((spec["steps"] + 1) * batch / len(splits.train_x)) + 1
+    result = run_tutorial_linear(splits, epochs=epochs, batch_size=batch, lr=spec["lr"],
+                                 max_steps=spec["steps"] + 1, threads=threads)
+    _, peak = rss_bytes()
+    result["memory"] = [{"device": "cpu", "kind": "peak_rss", "bytes": peak, "rank": 0}]
+    result.setdefault("threads", threads)
+    return result

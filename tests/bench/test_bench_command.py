@@ -1,0 +1,147 @@
+"""A tiny real bench on the synthetic set: fresh launches, results.json, report.md, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dptrain.bench import command, plots
+from dptrain.bench.plan import Config
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench") / "out"
+    code = command.main(["--dataset", "synthetic", "--model", "linear", "--batch-size", "64",
+                         "--strategies", "single,ddp,dp", "--nproc", "1,2", "--steps", "6",
+                         "--warmup", "1", "--repeats", "1", "--baseline-steps", "20",
+                         "--sizes", "4K,64K,256K", "--iters", "4", "--out", str(out)])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _config(results: dict, name: str) -> dict:
+    return next(c for c in results["configurations"] if c["name"] == name)
+
+
+def test_results_json_is_well_formed(bench: tuple[Path, dict]) -> None:
+    _, results = bench
+    assert {"schema", "options", "machine", "configurations", "comm", "prediction",
+            "wall_time_s"} <= set(results)
+    machine = results["machine"]
+    for key in ("cpu_model", "cores", "torch_version", "python_version", "date", "command"):
+        assert machine[key]
+    assert machine["gpus"] == 0
+    names = [c["name"] for c in results["configurations"]]
+    # in --strategies order; single n=1 doubles as the linear batch-64 row beside the baseline
+    assert names == ["single n=1", "single n=2", "ddp n=1", "ddp n=2", "dp n=1", "dp n=2",
+                     "tutorial loop (linear, b64)"]
+    for name in ("single n=1", "ddp n=1", "ddp n=2"):
+        c = _config(results, name)
+        assert c["status"] == "ok" and c["reason"] is None
+        (rep,) = c["repeats"]
+        assert rep["samples_per_s"] > 0 and rep["step_s"] > 0 and rep["compute_s"] > 0
+        assert rep["data_s"] > 0 and rep["comm_s"] >= 0
+        assert len(rep["loss_curve"]) == 6 and all(math.isfinite(v) for v in rep["loss_curve"])
+        assert len(rep["ranks"]) == c["nproc"]
+        assert all(m["bytes"] > 0 for m in rep["memory"]) and len(rep["memory"]) == c["nproc"]
+        s = c["summary"]
+        assert s["samples_per_s"]["n"] == 1 and s["samples_per_s"]["mean"] > 0
+        assert s["grad_bytes"] == (784 * 10 + 10) * 4
+    # DDP all-reduces every gradient byte once per step, in one bucket for this model
+    ddp2 = _config(results, "ddp n=2")["summary"]
+    assert ddp2["allreduce_calls_per_step"] == 1
+    assert ddp2["allreduce_bytes_per_step"] == (784 * 10 + 10) * 4
+    assert ddp2["global_batch"] == 128 and ddp2["efficiency"]["mean"] > 0
+    assert _config(results, "single n=1")["summary"]["allreduce_calls_per_step"] == 0
+    assert _config(results, "ddp n=1")["summary"]["efficiency"]["mean"] == pytest.approx(1.0)
+
+
+def test_same_seed_same_loss(bench: tuple[Path, dict]) -> None:
+    _, results = bench
+    single = _config(results, "single n=1")["repeats"][0]["loss_curve"]
+    ddp1 = _config(results, "ddp n=1")["repeats"][0]["loss_curve"]
+    assert single == pytest.approx(ddp1, rel=1e-5)
+
+
+def test_skipped_configurations_have_reasons(bench: tuple[Path, dict]) -> None:
+    out, results = bench
+    for name in ("dp n=1", "dp n=2"):
+        c = _config(results, name)
+        assert c["status"] == "skipped" and "CUDA" in c["reason"] and c["repeats"] == []
+    single2 = _config(results, "single n=2")
+    assert single2["status"] == "skipped" and "one process" in single2["reason"]
+    report = (out / "report.md").read_text()
+    assert report.count("| skipped: ") >= 3
+    dp_row = next(line for line in report.splitlines() if line.startswith("| DataParallel"))
+    assert "skipped" in dp_row and "CUDA" in dp_row
+
+
+def test_comm_sweep_and_prediction(bench: tuple[Path, dict]) -> None:
+    _, results = bench
+    (sweep,) = results["comm"]["sweeps"]
+    assert sweep["n"] == 2 and sweep["backend"] == "gloo"
+    assert [p["bytes"] for p in sweep["points"]] == [4096, 65536, 262144]
+    for p in sweep["points"]:
+        assert p["time_s"] > 0 and len(p["times_s"]) == 4
+        assert p["busbw_Bps"] == pytest.approx(p["algbw_Bps"])  # n = 2
+    fit = results["comm"]["fit"]
+    assert fit["alpha_s"] >= 0 and fit["points"] == 3
+    pred = results["prediction"]
+    assert pred["based_on"] == "ddp n=1" and len(pred["links"]) == 5
+    for link in pred["links"].values():
+        assert [r["n"] for r in link["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+        assert link["rows"][0]["efficiency"] == pytest.approx(1.0)
+    (val,) = pred["validation"]
+    assert val["config"] == "ddp n=2" and val["predicted_step_s"] > 0
+    assert math.isfinite(val["error_pct"])
+
+
+def test_baseline_row(bench: tuple[Path, dict]) -> None:
+    out, results = bench
+    base = _config(results, "tutorial loop (linear, b64)")
+    assert base["status"] == "ok" and base["summary"]["samples_per_s"]["mean"] > 0
+    assert base["repeats"][0]["timed_steps"] == 20
+    report = (out / "report.md").read_text()
+    assert "tutorial: per-sample `Dataset` + `DataLoader`" in report
+    assert "dptrain: device-resident tensors" in report
+
+
+def test_report_and_plots(bench: tuple[Path, dict]) -> None:
+    out, results = bench
+    report = (out / "report.md").read_text()
+    for heading in ("## Throughput", "## DP vs DDP, measured", "## All-reduce sweep",
+                    "## Scaling prediction", "### Prediction against measurement", "## Plots"):
+        assert heading in report
+    assert "| parallel mode | communication | memory balance | code needed | use case |" in report
+    assert " ± " in report and "α = " in report and "%" in report
+    pytest.importorskip("matplotlib")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 4 and sorted(results["plots"]["files"]) == pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+
+
+def test_plots_skipped_without_matplotlib(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    def missing() -> None:
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "_pyplot", missing)
+    result = plots.write_plots(tmp_path, [Config("ddp", 1, "linear", 64, 5)], [], None, {})
+    assert "pip install matplotlib" in result["skipped"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_comm_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "comm"
+    assert command.main(["comm", "--nproc", "2", "--sizes", "4K,16K", "--iters", "3",
+                         "--no-plots", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| processes | size | time (µs) | algbw (GB/s) | busbw (GB/s) |" in text
+    doc = json.loads((out / "comm.json").read_text())
+    assert [p["bytes"] for p in doc["sweeps"][0]["points"]] == [4096, 16384]

@@ -1,0 +1,92 @@
+"""Checkpoint files: atomic writes, rotation, corrupt-file fallback, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dptrain import checkpoint
+from dptrain.checkpoint import Checkpointer, load
+from dptrain.errors import UsageError
+
+
+def state(v: float) -> dict:
+    return {"model": {"w": torch.full((3,), v)}, "position": {"step": int(v)}}
+
+
+def test_save_rotates_and_last_points_to_newest(tmp_path: Path):
+    ck = Checkpointer(tmp_path, is_main=True, keep=2)
+    for step in (1, 2, 3):
+        ck.save(state(step), step)
+    assert [p.name for p in ck.numbered()] == ["step-00000003.pt", "step-00000002.pt"]
+    assert load(tmp_path / "last.pt")["model"]["w"][0] == 3
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_only_the_main_process_writes(tmp_path: Path):
+    assert Checkpointer(tmp_path / "c", is_main=False).save(state(1), 1) is None
+    assert not (tmp_path / "c").exists()
+
+
+def test_full_disk_during_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    ck = Checkpointer(tmp_path, is_main=True)
+    ck.save(state(1), 1)
+    before = (tmp_path / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, fh, *a, **k):  # write part of the file, then fail like ENOSPC
+        fh.write(b"PK\x03\x04partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UsageError, match="No space left on device"):
+        ck.save(state(2), 2)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert [p.name for p in ck.numbered()] == ["step-00000001.pt"]
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written leftovers
+    assert load(tmp_path / "last.pt")["model"]["w"][0] == 1
+
+
+def test_corrupt_newest_falls_back_to_previous_with_warning(tmp_path: Path):
+    ck = Checkpointer(tmp_path, is_main=True, keep=3)
+    ck.save(state(1), 1)
+    ck.save(state(2), 2)
+    newest = tmp_path / "step-00000002.pt"
+    data = newest.read_bytes()
+    os.unlink(tmp_path / "last.pt")
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    warnings: list[str] = []
+    path, st = ck.latest_good(warn=warnings.append)
+    assert path.name == "step-00000001.pt" and st["model"]["w"][0] == 1
+    assert len(warnings) == 1 and "corrupt or truncated" in warnings[0]
+
+
+def test_random_bytes_and_foreign_files_are_usage_errors(tmp_path: Path):
+    p = tmp_path / "x.pt"
+    p.write_bytes(os.urandom(4096))
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        load(p)
+    torch.save({"weights": torch.ones(2)}, p)
+    with pytest.raises(UsageError, match="not a dptrain checkpoint"):
+        load(p)
+    with pytest.raises(UsageError, match="does not exist"):
+        load(tmp_path / "missing.pt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_not_run(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": Evil()}, p, pickle_module=pickle)
+    with pytest.raises(UsageError, match="not allowed with weights_only=True"):
+        load(p)
+    assert not (tmp_path / "pwned").exists()
