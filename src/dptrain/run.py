@@ -122,7 +122,7 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
         path = strategy.broadcast_object(path)
         if path is not None:
             state = load(Path(path), device)
-            _check_compatible(state, cfg, path)
+            _check_compatible(state, cfg, path, strategy.world_size)
             resumed_from = path
             try:
                 model.load_state_dict(state["model"])
@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _restore_rng(state, strategy, reporter)
+        _restore_rng(state, strategy)
 
     precision_ctx = autocast(cfg, device)
     last_eval: dict[str, Any] = {}
@@ -260,23 +260,23 @@ def _find_resume(ckpt: Checkpointer, resume: str, reporter: Reporter) -> str | N
     return str(path)
 
 
-def _check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str) -> None:
+def _check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str,
+                      world_size: int) -> None:
+    """Resuming under other settings would silently be a different run: refuse."""
     saved = state.get("config", {})
     for key in ("model", "dataset", "batch_size", "accum", "seed"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise UsageError(f"checkpoint {path} was written with {key}={saved[key]!r}, this run "
                              f"has {key}={getattr(cfg, key)!r}; resume with the same settings")
+    if state.get("world_size", world_size) != world_size:
+        raise UsageError(f"checkpoint {path} was written by {state['world_size']} processes, "
+                         f"this run has {world_size}; resume with the same number of processes")
 
 
-def _restore_rng(state: dict[str, Any], strategy: strategies.Strategy,
-                 reporter: Reporter) -> None:
+def _restore_rng(state: dict[str, Any], strategy: strategies.Strategy) -> None:
+    """Each rank continues its own random stream (dropout) exactly where it was saved."""
     rng = state.get("rng", {})
-    cpu = rng.get("cpu") or []
-    if len(cpu) != strategy.world_size:
-        reporter.warning(f"checkpoint has RNG states for {len(cpu)} processes, this run has "
-                         f"{strategy.world_size}: dropout randomness is reseeded, not restored")
-        return
-    torch.set_rng_state(cpu[strategy.rank].cpu())
+    torch.set_rng_state(rng["cpu"][strategy.rank].cpu())
     cuda = rng.get("cuda") or []
     if strategy.device.type == "cuda" and len(cuda) == strategy.world_size and cuda[0].numel():
         torch.cuda.set_rng_state(cuda[strategy.rank].cpu(), strategy.device)

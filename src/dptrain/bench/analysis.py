@@ -22,7 +22,8 @@ def summarise(config: Config) -> None:
                           "final_loss": mean_std([r["final_loss"] for r in reps]),
                           "memory": reps[0].get("memory", [])}
         return
-    summary: dict[str, Any] = {k: mean_std([r[k] for r in reps]) for k in TIMES}
+    summary: dict[str, Any] = {k: None if any(r[k] is None for r in reps) else
+                               mean_std([r[k] for r in reps]) for k in TIMES}
     for key in ("global_batch", "grad_bytes", "allreduce_calls_per_step",
                 "allreduce_bytes_per_step", "threads", "backend", "devices"):
         summary[key] = reps[0][key]

@@ -32,6 +32,18 @@ DEFAULTS: dict[str, Any] = {
 QUICK: dict[str, Any] = {"steps": 30, "warmup": 3, "repeats": 2, "iters": 10,
                          "baseline_steps": 200}
 
+DESCRIPTION = """\
+Measure data-parallel training: every configuration (strategy x processes) runs in fresh
+processes started by PyTorch's elastic launcher, with warm-up excluded, device-synchronised
+timing and repeats; configurations that cannot run here are reported as skipped, with the
+reason. Writes results.json, report.md and PNG plots into --out.
+
+examples:
+  dptrain bench --quick --out bench-quick                 # a few minutes on 2 CPU cores
+  dptrain bench --strategies ddp --nproc 1,2,4 --model cnn --steps 100 --out bench-cnn
+  dptrain bench comm --sizes 4K,1M,64M --nproc 2          # all-reduce sweep only
+"""
+
 FLAGS: tuple[tuple[str, type, str], ...] = (
     ("strategies", str, "comma-separated strategies: single, dp, ddp"),
     ("nproc", str, "comma-separated process counts (GPUs for dp); 'auto' = GPUs or cores"),
@@ -58,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench", help="measure throughput, scaling and communication; predict scaling",
-        description=__doc__.split("\n\n", 1)[1],
+        description=DESCRIPTION,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
             prog, max_help_position=30, width=100))
     p.add_argument("what", nargs="?", choices=("run", "comm"), default="run",
@@ -71,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        metavar=name.upper(), help=f"{text} ({shown})")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="dataset root (default: $DPTRAIN_DATA, else ./data)")
+    p.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each launch wait up to SECONDS for other processes to leave "
+                        "the CPU (at most 15%% busy) (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="small configuration: finishes in a few minutes on 2 CPU cores")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
@@ -108,7 +123,10 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     o["strategies"] = _strategies(o["strategies"])
     o["nprocs"] = _nprocs(o.pop("nproc"), o["device"])
     o["sizes"] = parse_sizes(o["sizes"])
+    if not args.settle >= 0:
+        raise UsageError(f"--settle must be 0 or more seconds, got {args.settle}")
     o["quick"], o["plots"], o["what"] = args.quick, args.plots, args.what
+    o["settle"] = args.settle
     return o
 
 
@@ -212,7 +230,8 @@ def _run_config(c: Any, o: dict[str, Any]) -> dict[str, Any]:
     spec = {"strategy": c.strategy, "model": c.model, "dataset": o["dataset"],
             "data_root": o["data_root"], "batch_size": c.batch_size, "steps": c.steps,
             "warmup": o["warmup"], "threads": o["threads"], "seed": o["seed"], "lr": o["lr"],
-            "device": o["device"], "bucket_cap_mb": o["bucket_cap_mb"], "gpus": c.nproc}
+            "device": o["device"], "bucket_cap_mb": o["bucket_cap_mb"], "gpus": c.nproc,
+            "diag_steps": 20 if o["quick"] else 50}
     if c.role == "baseline":
         return launch(baseline_worker, (spec,), nproc=1)[0]
     procs = 1 if c.strategy == "dp" else c.nproc
@@ -223,7 +242,7 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
     """The full benchmark; writes results.json, report.md and plots into ``out``."""
     import torch
 
-    from dptrain.bench import OtherLoad, machine_info
+    from dptrain.bench import OtherLoad, cpu_busy, machine_info, wait_for_quiet
     from dptrain.bench import predict as P
     from dptrain.bench.analysis import add_efficiency, comm_points, predictions, summarise
     from dptrain.bench.plan import plan_configs, rotated
@@ -253,6 +272,7 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
             done += 1
             if c.failure:
                 continue
+            busy = wait_for_quiet(o["settle"]) if o["settle"] else cpu_busy(0.2)
             t0 = time.perf_counter()
             try:
                 with OtherLoad() as load:
@@ -261,7 +281,8 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
                 c.failure = "worker failed: " + str(exc).strip().splitlines()[-1][:300]
                 print(f"[{done}/{total}] {c.name}: FAILED ({c.failure})", flush=True)
                 continue
-            result.update(repeat=r, wall_s=time.perf_counter() - t0, other_load=load.fraction)
+            result.update(repeat=r, wall_s=time.perf_counter() - t0, other_load=load.fraction,
+                          cpu_busy_before=busy)
             c.repeats.append(result)
             print(f"[{done}/{total}] {c.name} repeat {r + 1}/{o['repeats']}: "
                   f"{result['samples_per_s']:,.0f} samples/s ({result['wall_s']:.1f} s)",

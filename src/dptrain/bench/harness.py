@@ -7,16 +7,16 @@ dptrain's own pieces (strategy, model, device-resident sharded loader). Three ph
    batch gather + normalise, forward, backward with gradient all-reduce, optimizer step. The
    clock is device-synchronised at both ends. Gives samples/s, the loss curve and, through
    DDP's comm hook, all-reduce calls and bytes.
-2. **data**: the loader alone (gather + normalise), ``steps`` batches timed one by one ->
-   ``data_s`` (median).
-3. **sync / no-sync**: ``steps`` steps with gradient all-reduce and ``steps`` steps under
+2. **data**: the loader alone (gather + normalise), batches timed one by one -> ``data_s``
+   (median).
+3. **sync / no-sync**: steps with gradient all-reduce and as many steps under
    ``strategy.no_sync(model)`` (the same work without communication), alternating step by step
    so that a shared machine's drift hits both alike, on batches already prepared ->
    ``compute_s`` = median no-sync step, exposed communication ``comm_s`` = median sync step -
    ``compute_s``, clamped at 0. The replicas diverge in this phase (their updates are no longer
    averaged), which is why it comes after the training phase.
 
-Medians of per-step times keep one descheduled step from deciding the breakdown; the
+Phases 2 and 3 time ``min(steps, diag_steps)`` steps each (50; 20 with ``--quick``). Medians of per-step times keep one descheduled step from deciding the breakdown; the
 throughput (phase 1) is total samples over total time.
 
 :func:`baseline_worker` runs the tutorial-style loop of :mod:`dptrain.bench.baseline`.
@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from dptrain.data.loader import Batch
+
+DIAGNOSTIC_STEPS = 50  # per-step timings for the breakdown: medians need no more
 
 
 def _quiet(_msg: str) -> None:
@@ -166,7 +168,8 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     # --- 2. the data pipeline alone, step by step; keep a few batches for phase 3
     pool: list[Batch] = []
     data_times = []
-    for _ in range(steps):
+    diag = min(steps, spec.get("diag_steps", DIAGNOSTIC_STEPS))
+    for _ in range(diag):
         _sync(devices)
         start = time.perf_counter()
         batch = next(batches)
@@ -177,7 +180,7 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
 
     # --- 3. steps with and without gradient sync, interleaved so that drift hits both alike
     sync_times, nosync_times = [], []
-    for i in range(min(warmup, 3) * 2 + 2 * steps):
+    for i in range(min(warmup, 3) * 2 + 2 * diag):
         xb, yb = pool[i % len(pool)]
         ctx = strategy.no_sync(wrapped) if i % 2 else contextlib.nullcontext()
         _sync(devices)
@@ -203,7 +206,10 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     return {
         "train_s": train_s, "steps": steps, "warmup": warmup, "feed_batch": feed,
         "step_s": train_s / steps, "data_s": data_s, "compute_s": compute_s,
-        "sync_step_s": sync_step_s, "comm_s": max(0.0, sync_step_s - compute_s),
+        "sync_step_s": sync_step_s,
+        # DataParallel's scatter/replicate/gather happen inside every step, no_sync or not:
+        # its communication cannot be separated from compute this way
+        "comm_s": None if strategy.name == "dp" else max(0.0, sync_step_s - compute_s),
         "data_times_s": data_times, "sync_times_s": sync_times,
         "nosync_times_s": nosync_times,
         "allreduce_calls": calls, "allreduce_bytes": nbytes, "grad_bytes": grad_bytes,
@@ -231,7 +237,7 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "step_s": train_s / steps,
         "data_s": mean("data_s"),
         "compute_s": mean("compute_s"),
-        "comm_s": mean("comm_s"),
+        "comm_s": None if rs[0]["comm_s"] is None else mean("comm_s"),
         "global_batch": global_batch,
         "allreduce_calls_per_step": rs[0]["allreduce_calls"] / steps,
         "allreduce_bytes_per_step": rs[0]["allreduce_bytes"] / steps,

@@ -62,7 +62,8 @@ def _throughput(plt: Any, out: Path, configs: list[Config], pred: dict[str, Any]
     top = max(means or [1.0]) or 1.0
     for i, c in enumerate(configs):
         label = f"{means[i]:,.0f}" if c.status == "ok" else c.status
-        ax.text(i, means[i] + top * 0.02, label, ha="center", va="bottom", fontsize=8)
+        ax.text(i, means[i] + stds[i] + top * 0.02, label, ha="center", va="bottom",
+                fontsize=8)
     ax.set_xticks(list(pos), names, fontsize=7)
     ax.set_ylabel("global samples/s (mean ± std)")
     ax.set_title("Throughput per configuration")
@@ -107,7 +108,7 @@ def _breakdown(plt: Any, out: Path, configs: list[Config], pred: dict[str, Any])
     for key, label, color in (("compute_s", "compute", "tab:blue"),
                               ("comm_s", "exposed comm", "tab:red"),
                               ("data_s", "data", "tab:green")):
-        vals = [c.summary[key]["mean"] * 1e3 for c in ok]
+        vals = [(c.summary[key] or {"mean": 0.0})["mean"] * 1e3 for c in ok]  # dp: no comm
         ax.bar(pos, vals, bottom=bottom, label=label, color=color)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.scatter(pos, [c.summary["step_s"]["mean"] * 1e3 for c in ok], color="black",
@@ -152,9 +153,11 @@ def _losses(plt: Any, out: Path, configs: list[Config], pred: dict[str, Any]) ->
     if not ok:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for c in ok:
+    styles = ("-", "--", ":", "-.")
+    for i, c in enumerate(ok):  # distinct line styles: identical curves stay visible
         curve = c.repeats[0]["loss_curve"]
-        ax.plot(range(1, len(curve) + 1), curve,
+        ax.plot(range(1, len(curve) + 1), curve, linestyle=styles[i % len(styles)],
+                linewidth=2.5 - 0.4 * (i % len(styles)),
                 label=f"{c.name} (global batch {c.summary['global_batch']})")
     ax.set_xlabel("timed step (after warm-up)")
     ax.set_ylabel("training loss (global batch)")

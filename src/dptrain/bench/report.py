@@ -160,6 +160,18 @@ def validation_rows(pred: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _load_warning(loads: list[float]) -> list[str]:
+    """A shared machine makes figures unreliable: say so where the reader looks first."""
+    if not loads or max(loads) < 0.2:
+        return []
+    return [f"**Warning: this machine was shared.** Other processes kept up to {max(loads):.0%} "
+            "of the CPU busy during the runs (per-run figures in results.json, `other_load`). "
+            "Processes with several intra-op threads suffer most (one descheduled thread stalls "
+            "every parallel operation), so throughput, efficiency and the breakdown are "
+            "distorted; rerun on a quiet machine, or with `--settle 60`, before trusting "
+            "them.", ""]
+
+
 def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> str:
     """Write ``out/report.md`` and return its text."""
     m, o, comm, pred = (results["machine"], results["options"], results["comm"],
@@ -179,6 +191,7 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         f"(per GPU for dp), {o['warmup']} warm-up + {o['steps']} timed steps, "
         f"{o['repeats']} repeat(s) per configuration, each a fresh launch; threads per process: "
         f"{o['threads'] or 'CPU cores / processes'}; seed {o['seed']}.", "",
+        *_load_warning(loads),
         "## Throughput", "",
         *throughput_rows(configs), "",
         "Mean ± std over repeats. *step* is the training step as trained (all timed steps as "
@@ -186,7 +199,9 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         "comes from per-step timings after it (medians): *data* = batch gather + normalise "
         "alone; *compute* = a step on prepared batches under `no_sync` (no communication); "
         "*exposed comm* = a step with gradient sync − compute (≥ 0), sync and no-sync steps "
-        "alternating so that drift on a shared machine hits both alike. Efficiency = samples/s(N) / (N × samples/s of the same strategy at N = 1). "
+        "alternating so that drift on a shared machine hits both alike (for dp it is not "
+        "separable: DataParallel's scatter/replicate/gather run inside every step and count "
+        "as compute). Efficiency = samples/s(N) / (N × samples/s of the same strategy at N = 1). "
         "Memory: CUDA max allocated per GPU, or on CPU each process's peak RSS (interpreter, "
         "torch and the dataset included). Same seed ⇒ the same initial model and data order: "
         "configurations with the same global batch should show the same loss (BatchNorm "
