@@ -49,6 +49,40 @@ def check_out_dir(out: Path, resuming: bool) -> None:
                          "--resume auto to continue it, or choose another --out")
 
 
+class OutDirLock:
+    """An exclusive lock on ``OUT/.dptrain.lock`` held by rank 0 for the whole run.
+
+    Two runs pointed at the same directory would interleave metrics and checkpoints; the
+    second one is refused instead. The kernel drops the lock when the holder dies, so an
+    elastic restart or a later ``--resume auto`` can take it again.
+    """
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.fh = (out / ".dptrain.lock").open("a+")
+        except OSError as exc:
+            raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}; choose a "
+                             "writable directory") from None
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "?"
+            self.fh.close()
+            raise UsageError(f"--out {out} is in use by another running dptrain (pid {holder}); "
+                             "wait for it or choose another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+
+    def release(self) -> None:
+        self.fh.close()
+
+
 def _local_env(cfg: TrainConfig, env: dist.DistEnv) -> dist.DistEnv:
     """A one-process DDP run still needs a (private) rendezvous address."""
     if env.distributed or strategies.resolve_strategy_name(cfg.strategy, env) != "ddp":
@@ -66,6 +100,7 @@ def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: floa
     strategy = strategies.build(cfg, env, count_comm=count_comm)
     strategy.setup()
     reporter = Reporter(None, active=False)
+    lock: OutDirLock | None = None
     try:
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         resume = cfg.resume or ("auto" if restart > 0 else "")
@@ -74,6 +109,7 @@ def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: floa
         if strategy.is_main:
             try:
                 check_out_dir(out, resuming=bool(resume))
+                lock = OutDirLock(out)
             except UsageError as exc:
                 verdict = str(exc)
         verdict = strategy.broadcast_object(verdict)
@@ -88,6 +124,8 @@ def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: floa
             return _train(cfg, strategy, reporter, resume, started_at, restart, stop)
     finally:
         reporter.close()
+        if lock is not None:
+            lock.release()
         strategy.teardown()
 
 

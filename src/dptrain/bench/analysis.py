@@ -82,9 +82,13 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
     }
     ddp = {n: c for (s, n), c in ok.items() if s == "ddp"}
     factors = {n: _mean(c, "compute_s") / compute1 for n, c in ddp.items()}
+    data_factors = {n: _mean(c, "data_s") / data1 if data1 > 0 else 1.0
+                    for n, c in ddp.items()}
     if fit is not None:
-        table = P.scaling_table(**common, cost=fit.time,
-                                contention=lambda n: P.contention_factor(n, factors, cpu))
+        table = P.scaling_table(
+            **common, cost=fit.time,
+            contention=lambda n: P.contention_factor(n, factors, cpu),
+            data_contention=lambda n: P.contention_factor(n, data_factors, cpu))
         out["links"]["measured link (this machine)"] = {
             "alpha_s": fit.alpha_s, "beta_Bps": fit.beta_Bps, "contention": True,
             "rows": table}

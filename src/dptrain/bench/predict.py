@@ -186,12 +186,18 @@ def contention_factor(n: int, measured: dict[int, float], cpu: bool) -> float:
 def scaling_table(*, compute_s: float, data_s: float, batch: int, grad_bytes: int,
                   bucket_cap_mb: float, cost: Callable[[float, int], float],
                   contention: Callable[[int], float] | None = None,
+                  data_contention: Callable[[int], float] | None = None,
                   ns: Sequence[int] = PREDICT_N) -> list[dict[str, float]]:
-    """Predictions for each ``n``; efficiency relative to the model's own ``n = 1``."""
+    """Predictions for each ``n``; efficiency relative to the model's own ``n = 1``.
+
+    ``contention(n)`` and ``data_contention(n)`` scale the 1-process compute and data times
+    (see :func:`contention_factor`); without them each process runs as fast as one alone.
+    """
     rows = []
     for n in ns:
         k = contention(n) if contention else 1.0
-        rows.append(predict_step(compute_s=compute_s * k, data_s=data_s * k,
+        kd = data_contention(n) if data_contention else 1.0
+        rows.append(predict_step(compute_s=compute_s * k, data_s=data_s * kd,
                                  global_batch_per_proc=batch, n=n, grad_bytes=grad_bytes,
                                  bucket_cap_mb=bucket_cap_mb, cost=cost))
     one = predict_step(compute_s=compute_s, data_s=data_s, global_batch_per_proc=batch, n=1,
@@ -226,5 +232,6 @@ def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION) -> list[s
         "compute (no contention)",
         "measured link: per-process compute and data time at N as measured here; beyond the "
         "largest measured N on CPU, processes share the cores with the effective parallelism "
-        "fitted at that N (compute ×max(1, N/S))",
+        "S fitted at that N (compute and data time ×max(1, N/S): once the cores are full, "
+        "more processes add no throughput)",
     ]
