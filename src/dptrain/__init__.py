@@ -1,5 +1,19 @@
-"""dptrain: data-parallel training with PyTorch that you can trust and measure."""
+"""dptrain: data-parallel training with PyTorch that you can trust and measure.
+
+``dptrain.fit(...)`` is the Python API (see :mod:`dptrain.api`); ``dptrain`` the CLI.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "fit"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import dptrain` stays cheap (no torch import)
+    if name == "fit":
+        from dptrain.api import fit
+
+        return fit
+    raise AttributeError(f"module 'dptrain' has no attribute {name!r}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.config import TrainConfig
-from dptrain.data.loader import Normalizer, ShardedLoader, eval_shard
+from dptrain.data.loader import Normalizer, ShardedLoader, eval_batches, eval_shard
 from dptrain.errors import UsageError
 from dptrain.metrics import Reporter
 from dptrain.optim import lr_at, set_lr
@@ -80,8 +80,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, strategy: Strategy,
-             normalize: Normalizer, batch_size: int, precision_ctx) -> tuple[float, float, int]:  # noqa: ANN001
+def evaluate(model: nn.Module, x: torch.Tensor | torch.utils.data.Dataset,
+             y: torch.Tensor | None, strategy: Strategy, normalize: Normalizer,
+             batch_size: int, precision_ctx: contextlib.AbstractContextManager
+             ) -> tuple[float, float, int]:
     """Accuracy, mean loss and sample count over the whole split, each sample counted once.
 
     Each rank takes a contiguous shard (sizes differ by at most one, no padding, no
@@ -92,13 +94,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, strategy: Strat
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=strategy.device)
     with torch.no_grad(), precision_ctx:
-        for i in range(start, end, batch_size):
-            j = min(i + batch_size, end)
-            logits = model(normalize(x[i:j])).float()
-            target = y[i:j]
+        for xb, target in eval_batches(x, y, start, end, batch_size, strategy.device):
+            logits = model(normalize(xb)).float()
             totals[0] += (logits.argmax(1) == target).sum()
             totals[1] += F.cross_entropy(logits, target, reduction="sum").double()
-            totals[2] += j - i
+            totals[2] += len(target)
     model.train(was_training)
     strategy.all_reduce_sum(totals)
     correct, loss_sum, count = totals.tolist()

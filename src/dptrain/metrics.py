@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,10 @@ class Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                # a pseudo-terminal may report a 0x0 size, with which tqdm draws nothing
+                size = shutil.get_terminal_size((100, 24))
+                self.bar = tqdm(total=total, initial=initial, unit="step",
+                                ncols=size.columns or 100, nrows=max(size.lines, 24),
                                 file=sys.stdout)
 
     def update(self, step: int, epoch: int, loss: float, samples_per_s: float) -> bool:

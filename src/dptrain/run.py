@@ -18,7 +18,7 @@ from dptrain import dist, strategies
 from dptrain.checkpoint import Checkpointer, load
 from dptrain.config import TrainConfig, to_toml
 from dptrain.data.datasets import load_splits
-from dptrain.data.loader import Normalizer, ShardedLoader
+from dptrain.data.loader import DatasetLoader, Normalizer, ShardedLoader
 from dptrain.errors import UsageError
 from dptrain.loop import LoopResult, Position, StopRequest, Trainer, autocast, evaluate
 from dptrain.metrics import Reporter, setup_logging
@@ -141,9 +141,13 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
     bn = has_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
 
-    loader = ShardedLoader(splits.train_x, splits.train_y, batch_size=cfg.batch_size,
-                           rank=strategy.rank, world=strategy.world_size, accum=cfg.accum,
-                           seed=cfg.seed, normalize=normalize, augment=cfg.augment)
+    shard = {"batch_size": cfg.batch_size, "rank": strategy.rank,
+             "world": strategy.world_size, "accum": cfg.accum, "seed": cfg.seed,
+             "normalize": normalize}
+    if splits.is_dataset:
+        loader = DatasetLoader(splits.train_x, device=device, **shard)
+    else:
+        loader = ShardedLoader(splits.train_x, splits.train_y, augment=cfg.augment, **shard)
     global_batch = loader.step_global
     peak_lr = scaled_lr(cfg, global_batch)
     total_steps = cfg.epochs * loader.steps_per_epoch

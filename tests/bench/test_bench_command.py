@@ -118,6 +118,9 @@ def test_report_and_plots(bench: tuple[Path, dict]) -> None:
         assert heading in report
     assert "| parallel mode | communication | memory balance | code needed | use case |" in report
     assert " ± " in report and "α = " in report and "%" in report
+    if results["plots"].get("skipped"):  # no matplotlib here: the report says so
+        assert "Plots skipped: matplotlib is not installed (pip install matplotlib)" in report
+        assert not list(out.glob("*.png"))
     pytest.importorskip("matplotlib")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) >= 4 and sorted(results["plots"]["files"]) == pngs

@@ -135,3 +135,15 @@ def test_help_lists_every_flag_with_default(capsys) -> None:
                  "--sizes", "--iters", "--baseline-steps"):
         assert flag in text
     assert "default: single,dp,ddp" in text and "--quick: 30" in text
+
+
+def test_registered_in_the_main_cli(monkeypatch, capsys) -> None:
+    from dptrain import cli
+
+    if "dptrain.bench.command" not in cli.SUBCOMMAND_MODULES:
+        monkeypatch.setattr(cli, "SUBCOMMAND_MODULES",
+                            (*cli.SUBCOMMAND_MODULES, "dptrain.bench.command"))
+    assert cli.main(["bench", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err == "error: --repeats must be at least 1, got 0\n"
+    assert cli.main(["bench", "comm", "--nproc", "1"]) == 2
+    assert "N >= 2" in capsys.readouterr().err

@@ -63,3 +63,21 @@ class Exploding(nn.Module):
 
 def exploding() -> nn.Module:
     return Exploding()
+
+
+class BlobDataset(torch.utils.data.Dataset):
+    """Map-style: the tensors of :func:`blobs`, served one sample at a time."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+def blob_datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    tx, ty, vx, vy = blobs()
+    return BlobDataset(tx, ty), BlobDataset(vx, vy)

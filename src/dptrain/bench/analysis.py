@@ -9,7 +9,8 @@ from dptrain.bench import mean_std
 from dptrain.bench import predict as P
 from dptrain.bench.plan import Config
 
-TIMES = ("samples_per_s", "step_s", "compute_s", "comm_s", "data_s", "final_loss")
+TIMES = ("samples_per_s", "step_s", "compute_s", "compute_slowest_s", "sync_step_s", "comm_s",
+         "data_s", "final_loss")
 
 
 def summarise(config: Config) -> None:
@@ -81,7 +82,7 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
         "links": {}, "validation": [],
     }
     ddp = {n: c for (s, n), c in ok.items() if s == "ddp"}
-    factors = {n: _mean(c, "compute_s") / compute1 for n, c in ddp.items()}
+    factors = {n: _mean(c, "compute_slowest_s") / compute1 for n, c in ddp.items()}
     data_factors = {n: _mean(c, "data_s") / data1 if data1 > 0 else 1.0
                     for n, c in ddp.items()}
     if fit is not None:
@@ -103,12 +104,15 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
             continue
         row: dict[str, Any] = {"config": c.name, "n": n,
                                "measured_step_s": _mean(c, "step_s"),
+                               "measured_median_step_s": (_mean(c, "sync_step_s")
+                                                          + _mean(c, "data_s")),
                                "measured_samples_per_s": _mean(c, "samples_per_s"),
                                "measured_comm_s": _mean(c, "comm_s")}
         if fit is None:
             row["skipped"] = out["measured_link_skipped"]
         else:
-            here = P.predict_step(compute_s=_mean(c, "compute_s"), data_s=_mean(c, "data_s"),
+            here = P.predict_step(compute_s=_mean(c, "compute_slowest_s"),
+                                  data_s=_mean(c, "data_s"),
                                   global_batch_per_proc=batch, n=n, grad_bytes=grad_bytes,
                                   bucket_cap_mb=bucket_cap_mb, cost=fit.time)
             ideal = P.predict_step(compute_s=compute1, data_s=data1,
@@ -118,6 +122,8 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
                 predicted_step_s=here["step_s"], predicted_comm_s=here["comm_exposed_s"],
                 predicted_samples_per_s=here["samples_per_s"],
                 error_pct=P.prediction_error(here["step_s"], row["measured_step_s"]),
+                median_error_pct=P.prediction_error(here["step_s"],
+                                                    row["measured_median_step_s"]),
                 no_contention_step_s=ideal["step_s"],
                 no_contention_error_pct=P.prediction_error(ideal["step_s"],
                                                            row["measured_step_s"]))

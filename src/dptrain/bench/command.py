@@ -19,9 +19,12 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dptrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from dptrain.bench.plan import Config
 
 DEFAULTS: dict[str, Any] = {
     "strategies": "single,dp,ddp", "nproc": "1,2", "model": "convnet", "batch_size": 64,
@@ -183,6 +186,7 @@ def _check_out(out: Path) -> None:
 
 def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], list[dict]]:
     from dptrain.bench.comm import feasible, run_sweep
+    from dptrain.launch import WorkerFailure
 
     sweeps, skipped = [], []
     for n in ns:
@@ -191,7 +195,13 @@ def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], lis
             skipped.append({"n": n, "reason": why})
             print(f"comm sweep n={n}: skipped ({why})", flush=True)
             continue
-        sweep = run_sweep(n, o["sizes"], iters=o["iters"], device=o["device"])
+        try:
+            sweep = run_sweep(n, o["sizes"], iters=o["iters"], device=o["device"])
+        except WorkerFailure as exc:
+            why = "failed: " + str(exc).strip().splitlines()[-1][:300]
+            skipped.append({"n": n, "reason": why})
+            print(f"comm sweep n={n}: {why}", flush=True)
+            continue
         sweeps.append(sweep)
         best = max(p["busbw_Bps"] for p in sweep["points"])
         print(f"comm sweep n={n} ({sweep['backend']}): {len(sweep['points'])} sizes, best "
@@ -223,7 +233,8 @@ def run_comm(o: dict[str, Any], out: str | None) -> int:
     return 0 if sweeps else 1
 
 
-def _run_config(c: Any, o: dict[str, Any]) -> dict[str, Any]:
+def _run_config(c: Config, o: dict[str, Any]) -> dict[str, Any]:
+    """One repeat of one configuration in fresh processes; its combined result."""
     from dptrain.bench.harness import baseline_worker, bench_worker, combine_ranks
     from dptrain.launch import launch
 

@@ -232,11 +232,16 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
     curves = [r["loss_curve"] for r in rs]
     loss_curve = [statistics.fmean(v) for v in zip(*curves, strict=True)]
     mean = lambda key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+    # the no-sync steps of all ranks start together (each follows a sync step), and the next
+    # all-reduce waits for the slowest: per step, the slowest rank's compute is what counts
+    slowest = [max(v) for v in zip(*(r["nosync_times_s"] for r in rs), strict=True)]
     return {
         "samples_per_s": steps * global_batch / train_s,
         "step_s": train_s / steps,
         "data_s": mean("data_s"),
         "compute_s": mean("compute_s"),
+        "compute_slowest_s": statistics.median(slowest),
+        "sync_step_s": mean("sync_step_s"),
         "comm_s": None if rs[0]["comm_s"] is None else mean("comm_s"),
         "global_batch": global_batch,
         "allreduce_calls_per_step": rs[0]["allreduce_calls"] / steps,

@@ -45,28 +45,31 @@ def _save(plt: Any, fig: Any, out: Path, name: str) -> str:
 
 
 def _throughput(plt: Any, out: Path, configs: list[Config], pred: dict[str, Any]) -> str:
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    names, means, stds, colors = [], [], [], []
-    for c in configs:
-        names.append(c.name.replace(" (", "\n("))
-        if c.status == "ok":
-            means.append(c.summary["samples_per_s"]["mean"])
-            stds.append(c.summary["samples_per_s"]["std"])
-            colors.append("tab:gray" if c.role == "baseline" else "tab:blue")
-        else:
-            means.append(0.0)
-            stds.append(0.0)
-            colors.append("white")
-    pos = range(len(names))
-    ax.bar(pos, means, yerr=stds, capsize=4, color=colors, edgecolor="black")
-    top = max(means or [1.0]) or 1.0
-    for i, c in enumerate(configs):
-        label = f"{means[i]:,.0f}" if c.status == "ok" else c.status
-        ax.text(i, means[i] + stds[i] + top * 0.02, label, ha="center", va="bottom",
-                fontsize=8)
-    ax.set_xticks(list(pos), names, fontsize=7)
-    ax.set_ylabel("global samples/s (mean ± std)")
-    ax.set_title("Throughput per configuration")
+    groups = [("configurations", [c for c in configs if c.role == "main"]),
+              ("baseline pair", [c for c in configs if c.role != "main"])]
+    groups = [(title, cs) for title, cs in groups if cs]
+    fig, axes = plt.subplots(1, len(groups), figsize=(9, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(2, len(cs)) for _, cs in groups]})
+    for ax, (title, cs) in zip(axes[0], groups, strict=True):
+        ok = [c.status == "ok" for c in cs]
+        means = [c.summary["samples_per_s"]["mean"] if k else 0.0 for c, k in zip(cs, ok,
+                                                                                   strict=True)]
+        stds = [c.summary["samples_per_s"]["std"] if k else 0.0 for c, k in zip(cs, ok,
+                                                                                 strict=True)]
+        colors = ["white" if not k else "tab:gray" if c.role == "baseline" else "tab:blue"
+                  for c, k in zip(cs, ok, strict=True)]
+        pos = list(range(len(cs)))
+        ax.bar(pos, means, yerr=stds, capsize=4, color=colors, edgecolor="black")
+        top = max(m + s for m, s in zip(means, stds, strict=True)) or 1.0
+        for i, c in enumerate(cs):
+            label = f"{means[i]:,.0f}" if ok[i] else c.status
+            ax.text(i, means[i] + stds[i] + top * 0.02, label, ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_xticks(pos, [c.name.replace(" (", "\n(") for c in cs], fontsize=7)
+        ax.set_ylim(0, top * 1.12)
+        ax.set_title(title, fontsize=10)
+    axes[0][0].set_ylabel("global samples/s (mean ± std)")
+    fig.suptitle("Throughput per configuration")
     return _save(plt, fig, out, "throughput.png")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from dptrain.errors import UsageError
 
@@ -32,14 +33,20 @@ class Splits:
     """Train and test tensors. ``mean``/``std`` set means "uint8 pixels, normalise per batch"."""
 
     name: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train_x: torch.Tensor | torch.utils.data.Dataset
+    train_y: torch.Tensor | None
+    test_x: torch.Tensor | torch.utils.data.Dataset
+    test_y: torch.Tensor | None
     mean: float | None = None
     std: float | None = None
 
+    @property
+    def is_dataset(self) -> bool:
+        return not isinstance(self.train_x, torch.Tensor)
+
     def to(self, device: torch.device) -> Splits:
+        if self.is_dataset:  # batches are moved as the DataLoader produces them
+            return self
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Splits(self.name, move(self.train_x), move(self.train_y), move(self.test_x),
                       move(self.test_y), self.mean, self.std)
@@ -91,9 +98,11 @@ def idx_dataset(name: str, root: Path, *, log: Callable[[str], None] = print) ->
 
 
 def plugin_dataset(spec: str) -> Splits:
-    """``package.module:factory`` returning ``(train_x, train_y, test_x, test_y)`` tensors.
+    """``package.module:factory`` returning ``(train_x, train_y, test_x, test_y)`` tensors,
+    or ``(train_dataset, test_dataset)``: map-style Datasets yielding ``(x, label)``.
 
-    uint8 images are normalised per batch like MNIST; float images are used as given.
+    Tensors are moved to the device whole; Datasets go through a sharded DataLoader. uint8
+    images are normalised per batch like MNIST; float images are used as given.
     """
     from dptrain.models import load_factory
 
@@ -103,6 +112,16 @@ def plugin_dataset(spec: str) -> Splits:
         if not all(k in result for k in keys):
             raise UsageError(f"--dataset {spec!r}: the dict must have keys {', '.join(keys)}")
         result = tuple(result[k] for k in keys)
+    if (isinstance(result, tuple | list) and len(result) == 2
+            and all(isinstance(d, torch.utils.data.Dataset) for d in result)):
+        train, test = result
+        for ds, split in ((train, "train"), (test, "test")):
+            if len(ds) == 0:
+                raise UsageError(f"--dataset {spec!r}: the {split} Dataset is empty")
+        first = train[0][0]
+        uint8 = isinstance(first, torch.Tensor) and first.dtype == torch.uint8
+        mean, std = NORMALISATION["mnist"] if uint8 else (None, None)
+        return Splits(spec, train, None, test, None, mean, std)
     if not (isinstance(result, tuple | list) and len(result) == 4
             and all(isinstance(t, torch.Tensor) for t in result)):
         raise UsageError(f"--dataset {spec!r}: the factory must return four tensors "

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.utils.data
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,6 +88,66 @@ class ShardedLoader:
                     xb = random_shift(xb, self.seed, epoch, step, k, self.rank)
                 micro.append((self.normalize(xb), self.y.index_select(0, idx)))
             yield micro
+
+
+class DatasetLoader(ShardedLoader):
+    """The same global-batch sharding for a map-style ``Dataset`` (a plug-in's own data).
+
+    A ``torch.utils.data.DataLoader`` fetches each rank's samples through a batch sampler that
+    yields exactly the indices :class:`ShardedLoader` would use, so equivalence across world
+    sizes and exact resume hold for plug-in datasets too; batches are then moved to ``device``.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, batch_size: int, rank: int,
+                 world: int, accum: int, seed: int, normalize: Normalizer,
+                 device: torch.device, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.num_workers = num_workers
+        n = len(dataset)
+        super().__init__(_Length(n), _Length(n), batch_size=batch_size, rank=rank, world=world,
+                         accum=accum, seed=seed, normalize=normalize)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
+        perm = self.permutation(epoch)
+        sampler = [self.indices(perm, step, k).tolist()
+                   for step in range(start_step, self.steps_per_epoch) for k in range(self.accum)]
+        batches = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
+                                              num_workers=self.num_workers)
+        micro: list[Batch] = []
+        for xb, yb in batches:
+            xb = xb.to(self.device, non_blocking=True)
+            micro.append((self.normalize(xb), yb.to(self.device, non_blocking=True).long()))
+            if len(micro) == self.accum:
+                yield micro
+                micro = []
+
+
+class _Length:
+    """Stands in for a tensor where only ``len()`` is needed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def eval_batches(x: torch.Tensor | torch.utils.data.Dataset, y: torch.Tensor | None,
+                 start: int, end: int, batch_size: int, device: torch.device
+                 ) -> Iterator[Batch]:
+    """Batches of samples ``[start, end)``: tensor slices, or a DataLoader over a Dataset."""
+    if isinstance(x, torch.Tensor):
+        for i in range(start, end, batch_size):
+            j = min(i + batch_size, end)
+            yield x[i:j], y[i:j]
+        return
+    subset = torch.utils.data.Subset(x, range(start, end))
+    for xb, yb in torch.utils.data.DataLoader(subset, batch_size=batch_size):
+        yield xb.to(device), yb.to(device).long()
 
 
 def random_shift(x: torch.Tensor, seed: int, epoch: int, step: int, micro: int,
