@@ -116,12 +116,27 @@ def run_training(cfg: TrainConfig, *, legacy_local_rank: int | None = None,
     cfg = cfg.replace(out=cfg.out or run.default_out())
     if cfg.node_rank == 0:
         run.check_out_dir(Path(cfg.out), resuming=bool(cfg.resume))
-    results = launch.launch(
-        worker_entry, (cfg.to_dict(), started_at, count_comm), nproc=nproc,
-        nnodes=cfg.nnodes, node_rank=cfg.node_rank,
-        master_addr=cfg.master_addr, master_port=cfg.master_port,
-        max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s))
+    try:
+        results = launch.launch(
+            worker_entry, (cfg.to_dict(), started_at, count_comm), nproc=nproc,
+            nnodes=cfg.nnodes, node_rank=cfg.node_rank,
+            master_addr=cfg.master_addr, master_port=cfg.master_port,
+            max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s))
+    except launch.Interrupted as exc:
+        exc.out = cfg.out
+        raise
     return results.get(0)
+
+
+def interrupted_message(exc: Exception) -> str:
+    """One line for a launcher stopped by a signal: where training stands, how to go on."""
+    from dptrain.checkpoint import Checkpointer
+
+    out = getattr(exc, "out", "")
+    newest = Checkpointer(Path(out) / "checkpoints", is_main=False).numbered() if out else []
+    where = (f"the newest checkpoint is {newest[0]}" if newest else "no checkpoint was written")
+    return (f"stopped by {exc.name}: the workers were stopped ({where}); continue with "
+            f"`dptrain train --resume auto --out {out}` and the same flags")
 
 
 def _preflight(cfg: TrainConfig) -> None:
@@ -217,7 +232,8 @@ def build_parser() -> Parser:
     return parser
 
 
-SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.plot", "dptrain.slurm", "dptrain.doctor")
+SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.bench.command", "dptrain.plot", "dptrain.slurm",
+                      "dptrain.doctor")
 
 
 TRAIN_EXAMPLES = """\
@@ -257,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help/--version (0) or a usage error, already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if local_rank is not None:
         args.local_rank = local_rank
     try:
@@ -269,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a worker's crash: show ranks and tracebacks, no second trace
-        from dptrain.launch import WorkerFailure
+        from dptrain.launch import Interrupted, WorkerFailure
 
+        if isinstance(exc, Interrupted):  # SIGTERM/SIGINT to the launcher: no traceback
+            print(interrupted_message(exc), file=sys.stderr)
+            return exc.exit_code
         if isinstance(exc, WorkerFailure):
             print(f"error: training failed\n{exc}", file=sys.stderr)
             return exc.exit_code

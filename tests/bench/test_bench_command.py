@@ -148,3 +148,19 @@ def test_bench_comm_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "| processes | size | time (µs) | algbw (GB/s) | busbw (GB/s) |" in text
     doc = json.loads((out / "comm.json").read_text())
     assert [p["bytes"] for p in doc["sweeps"][0]["points"]] == [4096, 16384]
+
+
+def test_failing_configuration_is_reported_not_dropped(tmp_path: Path) -> None:
+    # DDP refuses a model with a parameter that gets no gradient (find_unused_parameters off):
+    # its worker fails on the second step; the single-process row still runs
+    out = tmp_path / "out"
+    assert command.main(["--dataset", "synthetic", "--model", "myplugins:with_unused",
+                         "--strategies", "single,ddp", "--nproc", "1", "--steps", "2",
+                         "--warmup", "1", "--repeats", "1", "--baseline-steps", "0",
+                         "--no-plots", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    single, ddp = results["configurations"]
+    assert single["status"] == "ok" and len(single["repeats"]) == 1
+    assert ddp["status"] == "failed" and ddp["repeats"] == []
+    assert ddp["reason"].startswith("worker failed: RuntimeError: ")
+    assert f"| ddp n=1 | failed: {ddp['reason']} |" in (out / "report.md").read_text()

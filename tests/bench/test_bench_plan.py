@@ -147,3 +147,14 @@ def test_registered_in_the_main_cli(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err == "error: --repeats must be at least 1, got 0\n"
     assert cli.main(["bench", "comm", "--nproc", "1"]) == 2
     assert "N >= 2" in capsys.readouterr().err
+
+
+def test_failure_summary_names_the_exception() -> None:
+    report = ("worker rank 0 (local rank 0, pid 1) failed with exit code 1:\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+              "RuntimeError: Expected to have finished reduction | in the prior iteration\n"
+              "Parameter indices which did not receive grad: 2 3\n")
+    assert command.failure_summary(report) == ("RuntimeError: Expected to have finished "
+                                               "reduction / in the prior iteration")
+    assert command.failure_summary("killed\n") == "killed"
+    assert len(command.failure_summary("ValueError: " + "x" * 500)) == 300

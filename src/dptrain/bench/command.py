@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -176,6 +177,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "bench-%Y%m%d-%H%M%S")))
 
 
+def failure_summary(report: str) -> str:
+    """The line of a worker's traceback that names the exception (one line, for the table)."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    named = [line for line in lines
+             if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b:?", line)]
+    text = (named or lines or ["no traceback"])[-1].replace("|", "/")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
@@ -198,7 +208,7 @@ def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], lis
         try:
             sweep = run_sweep(n, o["sizes"], iters=o["iters"], device=o["device"])
         except WorkerFailure as exc:
-            why = "failed: " + str(exc).strip().splitlines()[-1][:300]
+            why = "failed: " + failure_summary(str(exc))
             skipped.append({"n": n, "reason": why})
             print(f"comm sweep n={n}: {why}", flush=True)
             continue
@@ -289,7 +299,7 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
                 with OtherLoad() as load:
                     result = _run_config(c, o)
             except WorkerFailure as exc:
-                c.failure = "worker failed: " + str(exc).strip().splitlines()[-1][:300]
+                c.failure = "worker failed: " + failure_summary(str(exc))
                 print(f"[{done}/{total}] {c.name}: FAILED ({c.failure})", flush=True)
                 continue
             result.update(repeat=r, wall_s=time.perf_counter() - t0, other_load=load.fraction,
