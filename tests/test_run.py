@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 from dptrain import cli
@@ -97,3 +98,16 @@ def test_new_run_refuses_an_existing_run_directory(tmp_path, tiny):
     r = run_cli("train", *tiny, "--max-steps", "3", "--out", str(tmp_path / "a"))
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert (tmp_path / "a" / "summary.json").read_bytes() == before
+
+
+def test_tensorboard_event_files(tmp_path, tiny):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_inproc(tmp_path / "tb", *tiny, "--max-steps", "20", "--log-every", "5",
+                 "--tensorboard")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == [5, 10, 15, 20]
+    assert acc.Scalars("test_accuracy")[-1].value > 0.5

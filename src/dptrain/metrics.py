@@ -81,9 +81,9 @@ class Reporter:
         self._progress: Progress | None = None
         if self.active:
             out.mkdir(parents=True, exist_ok=True)
-            self._metrics = (out / "metrics.jsonl").open("a", buffering=1)
-            if tensorboard:
+            if tensorboard:  # first: a missing package must not leave a half-started run
                 self._tb = _tensorboard_writer(out / "tb")
+            self._metrics = (out / "metrics.jsonl").open("a", buffering=1)
 
     def start_progress(self, total: int, initial: int) -> None:
         if self.active and not self.quiet:
