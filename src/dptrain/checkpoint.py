@@ -9,6 +9,7 @@ hold tensors and plain containers, never code.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -21,6 +22,14 @@ import torch
 from dptrain.errors import UsageError
 
 FORMAT = "dptrain-checkpoint-1"
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space, or pass another --out",
+    errno.EDQUOT: "free space within your disk quota, or pass another --out",
+    errno.EFBIG: "raise the file size limit (ulimit -f), or pass another --out",
+    errno.EACCES: "make the directory writable, or pass another --out",
+    errno.EPERM: "make the directory writable, or pass another --out",
+    errno.EROFS: "the filesystem is read-only: pass another --out",
+}
 _NUMBERED = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -37,12 +46,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Sink:
+    """The file ``torch.save`` writes to, remembering why a write failed: torch reports a
+    failed write (disk full, file too large) as a bare ``RuntimeError`` ("unexpected pos")."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, rename. On failure the target is untouched."""
+    """``torch.save`` to a temporary file, fsync, rename. On failure the target is untouched;
+    a failed write comes out as the ``OSError`` that caused it."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with tmp.open("wb") as fh:
-            torch.save(obj, fh)
+            sink = _Sink(fh)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -62,8 +97,9 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines()
-                       if "Unsupported global" in line or "Unsupported operand" in line),
+        reason = next((line.strip().rstrip(".") for line in str(exc).splitlines()
+                       if "nsupported global" in line.lower() or "Unsupported operand" in line
+                       or "unsupported GLOBAL" in line),
                       "objects outside the allowed set")
         raise UsageError(f"checkpoint {path} holds objects that are not allowed with "
                          f"weights_only=True ({reason}); refusing to load it") from None
@@ -109,8 +145,9 @@ class Checkpointer:
             os.replace(tmp, self.dir / "last.pt")
             _fsync_dir(self.dir)
         except OSError as exc:
-            raise UsageError(f"cannot write checkpoint {path}: {exc.strerror or exc}; free "
-                             "space or fix permissions (earlier checkpoints are intact)") from None
+            fix = _WRITE_FIXES.get(exc.errno, "free disk space or fix the permissions")
+            raise UsageError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {fix} "
+                             "(earlier checkpoints are intact)") from None
         for old in self.numbered()[self.keep:]:
             old.unlink(missing_ok=True)
         return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 from dataclasses import fields
@@ -68,7 +69,15 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = 
     values.update(from_file)
     values.update(explicit)
     values.update(overrides or {})
-    return TrainConfig(**values).validate()
+    try:
+        return TrainConfig(**values).validate()
+    except UsageError as exc:  # say where a bad value came from when it was not a flag
+        named = re.match(r"--([a-z0-9-]+)", str(exc))
+        name = named.group(1).replace("-", "_") if named else ""
+        if name in from_file and name not in explicit and name not in (overrides or {}):
+            raise UsageError(f"{exc} (set in {args.config}: fix it there, or override it with "
+                             f"--{flag(name)})") from None
+        raise
 
 
 # ---------------------------------------------------------------------------- train
@@ -294,6 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             print(interrupted_message(exc), file=sys.stderr)
             return exc.exit_code
         if isinstance(exc, WorkerFailure):
-            print(f"error: training failed\n{exc}", file=sys.stderr)
+            print(f"error: {exc.headline}\n{exc}", file=sys.stderr)
             return exc.exit_code
         raise

