@@ -163,9 +163,15 @@ class Trainer:
         self.on_checkpoint, self.on_epoch_end = on_checkpoint, on_epoch_end
         self.stop = stop
         self.device = strategy.device
-        # [loss sum since the last sync, micro-batches in it, non-finite losses seen]
-        self.running = torch.zeros(3, device=self.device)
-        self.first_bad = torch.full((), -1.0, device=self.device)
+        # each micro-batch's loss since the last sync point, one slot per micro-batch (a single
+        # copy on the hot path); read at the sync point to average, and to find the first
+        # non-finite one exactly
+        self.losses = torch.zeros(cfg.log_every * cfg.accum, device=self.device)
+        self.n_losses = 0
+        self.window_start = 0  # optimizer step of self.losses[0]
+        self.scaler_enabled = scaler.is_enabled()
+        self.precision_ctx = (autocast(cfg, self.device) if cfg.precision != "32"
+                              else contextlib.nullcontext())
 
     def lr(self, step: int) -> float:
         return lr_at(self.cfg, self.peak_lr, step, self.loader.steps_per_epoch, self.total_steps)
@@ -178,33 +184,44 @@ class Trainer:
         for k, (xb, yb) in enumerate(micro):
             ctx = contextlib.nullcontext() if k == last else self.strategy.no_sync(model)
             with ctx:
-                with autocast(cfg, self.device):
+                with self.precision_ctx:
                     loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
                 # mean over the K micro-batches == mean over one K-times larger batch
-                self.scaler.scale(loss / len(micro)).backward()
-            detached = loss.detach().float()
-            bad = ~torch.isfinite(detached)
-            self.running[0] += detached
-            self.running[1] += 1
-            self.running[2] += bad
-            self.first_bad = torch.where(bad & (self.first_bad < 0),
-                                         torch.full_like(self.first_bad, step), self.first_bad)
-        self.scaler.step(opt)
-        self.scaler.update()
+                scaled = loss if len(micro) == 1 else loss / len(micro)
+                if self.scaler_enabled:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            if self.n_losses == len(self.losses):  # a longer window than planned: grow it
+                self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
+            self.losses[self.n_losses].copy_(loss.detach())
+            self.n_losses += 1
+        if self.scaler_enabled:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync_point(self, stop: StopRequest) -> tuple[float, bool]:
-        """One all-reduce of [loss sum, count, non-finite, stop votes]; raises on NaN/inf."""
-        stats = torch.cat([self.running,
-                           torch.tensor([float(stop.requested)], device=self.device)])
+    def sync_point(self, stop: StopRequest, step: int) -> tuple[float, bool]:
+        """One all-reduce of [loss sum, count, non-finite count, stop votes] for the window
+        since the last sync point (which ends at optimizer step ``step``); raises on NaN/inf."""
+        window = self.losses[:self.n_losses]
+        finite = torch.isfinite(window)
+        stats = torch.stack([torch.where(finite, window, 0.0).sum(),
+                             torch.tensor(float(self.n_losses), device=self.device),
+                             (~finite).sum().float(),
+                             torch.tensor(float(stop.requested), device=self.device)])
         self.strategy.all_reduce_sum(stats)
         loss_sum, count, bad, stop_votes = stats.tolist()
         if bad > 0:
-            first = int(self.first_bad.item())
-            where = f"step {first + 1}" if first >= 0 else "a step on another rank"
+            local = (~finite).nonzero()
+            where = (f"step {self.window_start + int(local[0]) // self.cfg.accum + 1}"
+                     if len(local) else f"a step between {self.window_start + 1} and {step} "
+                     "on another rank")
             raise UsageError(f"non-finite loss at {where}; lower --lr, or check the data; "
                              "the last good checkpoint is kept")
-        self.running.zero_()
+        self.n_losses = 0
+        self.window_start = step
         return (loss_sum / count if count else math.nan), stop_votes > 0
 
     def run(self, pos: Position) -> LoopResult:
@@ -218,6 +235,7 @@ class Trainer:
         timer = Stopwatch(self.device)
         last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
         self.model.train()
+        self.window_start, self.n_losses = pos.step, 0
         stop = self.stop
         while pos.step < self.total_steps and not result.stopped_by_signal:
             for micro in loader.epoch(pos.epoch, pos.step_in_epoch):
@@ -228,7 +246,7 @@ class Trainer:
                 ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
                 if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps
                         or ckpt_due or pos.step_in_epoch == loader.steps_per_epoch):
-                    loss, stop_now = self.sync_point(stop)
+                    loss, stop_now = self.sync_point(stop, pos.step)
                     now = timer.now()
                     dt, ds = now - last_log[0], timer.samples - last_log[1]
                     last_log = (now, timer.samples)

@@ -16,19 +16,21 @@ from dptrain.config import TrainConfig
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter],
                     device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer, as a fused kernel where PyTorch has one (one launch for all parameters
+    and no Python loop per tensor), else the multi-tensor ``foreach`` implementation."""
     params = list(params)
-    # foreach kernels: one launch for all parameters instead of a Python loop per tensor
-    common = {"weight_decay": cfg.weight_decay, "foreach": True}
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+             "adadelta": torch.optim.Adadelta}
+    kwargs: dict = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, **common)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, **common)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, **common)
-    if cfg.optimizer == "adadelta":
-        return torch.optim.Adadelta(params, lr=cfg.lr, **common)
-    raise ValueError(cfg.optimizer)  # unreachable: validated in config
+        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    kind = kinds[cfg.optimizer]
+    if cfg.optimizer != "adadelta":
+        try:
+            return kind(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device/dtype
+            pass
+    return kind(params, foreach=True, **kwargs)
 
 
 def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
