@@ -68,7 +68,7 @@ def classic_run(root: str, max_epochs: int, threads: int) -> dict[str, Any]:
     result = json.loads(r.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall  # end to end: process start .. the epoch that reached the target
     print(f"  classic example: accuracies {result['accuracies']} -> "
-          f"{'%.1f s' % wall if result['time_to_target_s'] else 'target not reached'}",
+          f"{f'{wall:.1f} s' if result['time_to_target_s'] else 'target not reached'}",
           flush=True)
     return result
 

@@ -106,3 +106,16 @@ def test_test_loader_counts_every_sample(splits) -> None:
     dataset = TutorialMNIST(splits.test_x, splits.test_y)
     seen = sum(len(y) for _, y in DataLoader(dataset, batch_size=300))
     assert seen == len(splits.test_x)
+
+
+def test_mean_std_and_machine_info() -> None:
+    from dptrain.bench import machine_info, mean_std
+
+    s = mean_std([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
+    assert mean_std([5.0])["std"] == 0.0
+    info = machine_info(["bench.py", "--repeats", "1"])
+    assert info["cores"] >= 1
+    assert info["torch_version"] == str(torch.__version__)
+    assert info["command"].endswith("bench.py --repeats 1")
+    assert info["cpu_model"]

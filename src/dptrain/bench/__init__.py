@@ -154,10 +154,41 @@ def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *(sys.argv if argv is None else argv)]),
+        "dptrain_version": _dptrain_version(),
+        "git_commit": _git_commit(),
     }
     if hasattr(os, "getloadavg"):
         info["loadavg_at_start"] = list(os.getloadavg())
     return info
+
+
+def _dptrain_version() -> str:
+    from dptrain import __version__
+
+    return __version__
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with local changes), or None outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _version(module: str) -> str | None:

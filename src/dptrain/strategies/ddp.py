@@ -83,6 +83,10 @@ class DistributedDataParallel(Strategy):
             gradient_as_bucket_view=o.gradient_as_bucket_view,
             static_graph=o.static_graph,
             find_unused_parameters=o.find_unused_parameters,
+            # BatchNorm statistics: rank 0's are the ones kept (sync_buffers aligns the others
+            # before evaluation and checkpoints). Training uses batch statistics, so skipping
+            # the per-forward broadcast changes no result and saves a collective per step.
+            broadcast_buffers=False,
         )
         hook = HOOKS[o.comm_hook]
         if o.count_comm:
