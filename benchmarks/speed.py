@@ -101,7 +101,12 @@ def main() -> int:
     p.add_argument("--skip-classic", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    p.add_argument("--derive-only", action="store_true",
+                   help="recompute the derived ratios of an existing --out file, run nothing")
     args = p.parse_args()
+    if args.derive_only:
+        write(json.loads(Path(args.out).read_text()), Path(args.out))
+        return 0
     threads = args.threads or usable_cores()
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(sys.argv)}
     with tempfile.TemporaryDirectory(prefix="dptrain-speed-") as tmp:
@@ -118,11 +123,7 @@ def main() -> int:
         ddp = recipe_runs(args.data_root, [0, 1], ["--nproc", "2", "--batch-size", "64"], work)
         result["recipe_ddp2"] = {"runs": ddp, "wall_s": mean_std([r["wall_s"] for r in ddp])}
         if not args.skip_classic:
-            classic = classic_run(args.data_root, args.classic_epochs, threads)
-            result["classic"] = classic
-            if classic["time_to_target_s"] is not None:
-                best = statistics.mean(r["wall_s"] for r in runs)
-                result["speedup_time_to_99"] = classic["wall_s"] / best
+            result["classic"] = classic_run(args.data_root, args.classic_epochs, threads)
         print("throughput vs roofline (batch 64, one process):", flush=True)
         peak = peak_flops(threads)
         rows = {}
@@ -136,13 +137,35 @@ def main() -> int:
                   f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak",
                   flush=True)
         result["roofline"] = {"peak_matmul_flops": peak, "threads": threads, "models": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if "speedup_time_to_99" in result:
-        print(f"mnist-fast reaches 99 % {result['speedup_time_to_99']:.1f}x sooner than the "
-              "classic example")
-    print(f"wrote {args.out}")
+    write(result, Path(args.out))
     return 0
+
+
+def derive(result: dict[str, Any]) -> None:
+    """Time-to-99 % ratio from the raw runs. When the classic example did not reach 99 %
+    within the epochs allowed, its time to 99 % is longer than its whole run: the ratio is then
+    a lower bound, and says so."""
+    classic = result.get("classic")
+    if not classic:
+        return
+    ours = result["recipe"]["wall_s"]["mean"]
+    reached = classic["time_to_target_s"] is not None
+    result["speedup_time_to_99"] = {
+        "ratio": classic["wall_s"] / ours,
+        "kind": "measured" if reached else "lower bound (classic did not reach 99 % within "
+                f"{len(classic['accuracies'])} epochs / {classic['wall_s']:.0f} s)",
+    }
+    print(f"mnist-fast reaches 99 % in {ours:.1f} s; the classic example "
+          + (f"in {classic['wall_s']:.0f} s" if reached else
+             f"not within {classic['wall_s']:.0f} s") + ": "
+          + ("" if reached else ">= ") + f"{classic['wall_s'] / ours:.1f}x")
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    derive(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ class Trainer:
         self.n_losses = 0
         self.window_start = 0  # optimizer step of self.losses[0]
         self.scaler_enabled = scaler.is_enabled()
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.precision_ctx = (autocast(cfg, self.device) if cfg.precision != "32"
                               else contextlib.nullcontext())
 
@@ -200,7 +201,8 @@ class Trainer:
             self.scaler.update()
         else:
             opt.step()
-        opt.zero_grad(set_to_none=True)
+        for p in self.params:  # zero_grad(set_to_none=True) without its per-call wrapper cost
+            p.grad = None
 
     def sync_point(self, stop: StopRequest, step: int) -> tuple[float, bool]:
         """One all-reduce of [loss sum, count, non-finite count, stop votes] for the window
