@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,14 @@ def _counting(hook):  # noqa: ANN001, ANN202 - torch's hook signature
     return counted
 
 
+# BatchNorm statistics: rank 0's are the ones kept (sync_buffers aligns the others before
+# evaluation and checkpoints). Training uses batch statistics, so skipping DDP's per-forward
+# buffer broadcast changes no result and saves a collective per step. Newer PyTorch spells it
+# forward_sync_buffers (and warns about the old name); older only has broadcast_buffers.
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                           else {"broadcast_buffers": False})
+
 HOOKS = {
     "none": default_hooks.allreduce_hook,
     "fp16": default_hooks.fp16_compress_hook,
@@ -83,10 +92,7 @@ class DistributedDataParallel(Strategy):
             gradient_as_bucket_view=o.gradient_as_bucket_view,
             static_graph=o.static_graph,
             find_unused_parameters=o.find_unused_parameters,
-            # BatchNorm statistics: rank 0's are the ones kept (sync_buffers aligns the others
-            # before evaluation and checkpoints). Training uses batch statistics, so skipping
-            # the per-forward broadcast changes no result and saves a collective per step.
-            broadcast_buffers=False,
+            **_NO_FORWARD_BUFFER_SYNC,
         )
         hook = HOOKS[o.comm_hook]
         if o.count_comm:
