@@ -16,7 +16,7 @@ $(BIN)/dptrain: pyproject.toml
 
 run: $(BIN)/dptrain
 	$(BIN)/dptrain data fetch mnist
-	$(BIN)/dptrain train --strategy ddp --nproc $(NPROC) --model convnet --epochs 2 --lr 0.05 --momentum 0.9 --log-every 200
+	$(BIN)/dptrain train --strategy ddp --nproc $(NPROC) --model convnet --epochs 2 --log-every 200
 
 test: $(BIN)/dptrain
 	$(BIN)/python -m pytest -q
