@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dptrain.bench import machine_info, mean_std, run_quietly
+from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("single", "ddp2", "ceiling")
@@ -117,24 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--model", default="convnet")
-    parser.add_argument(
-        "--data-root",
-        default=os.environ.get("DPTRAIN_DATA", "./data"),
-        help="dataset root (default: $DPTRAIN_DATA, else ./data)",
-    )
-    parser.add_argument("--dataset", default="mnist", help="mnist (synthetic: a smoke test)")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        help="before each run, wait up to this many seconds for the CPUs to be idle",
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        help="re-run a measurement that other processes disturbed (>10%% CPU) this often",
-    )
+    add_measurement_flags(parser)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "ddp_scaling.json")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.max_steps < 2:

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dptrain.bench import machine_info, mean_std, run_quietly, usable_cores
+from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly, usable_cores
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,24 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         default=usable_cores(),
         help="intra-op threads for both loops (default: all cores)",
     )
-    parser.add_argument(
-        "--data-root",
-        default=os.environ.get("DPTRAIN_DATA", "./data"),
-        help="dataset root (default: $DPTRAIN_DATA, else ./data)",
-    )
-    parser.add_argument("--dataset", default="mnist", help="mnist (synthetic: a smoke test)")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        help="before each run, wait up to this many seconds for the CPUs to be idle",
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        help="re-run a measurement that other processes disturbed (>10%% CPU) this often",
-    )
+    add_measurement_flags(parser)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "loader_speed.json")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:

@@ -7,6 +7,7 @@ figure.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -210,3 +211,16 @@ def mean_std(values: list[float]) -> dict[str, float | int | list[float]]:
         "n": len(values),
         "values": list(values),
     }
+
+
+def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every script in benchmarks/ shares: data location and noise handling."""
+    parser.add_argument("--data-root", default=os.environ.get("DPTRAIN_DATA", "./data"),
+                        help="dataset root (default: $DPTRAIN_DATA, else ./data)")
+    parser.add_argument("--dataset", default="mnist", help="mnist (synthetic: a smoke test)")
+    parser.add_argument("--wait-quiet", type=float, default=60.0,
+                        help="before each run, wait up to this many seconds for the CPUs to be "
+                             "idle")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="re-run a measurement that other processes disturbed (>10%% CPU) "
+                             "this often")
