@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly, usable_cores
+from dptrain.bench.tutorial_transforms import tutorial_transform
 
 HERE = Path(__file__).resolve().parent
 
@@ -179,12 +180,7 @@ def _warn_if_busy(runs: list[dict[str, Any]], threshold: float = 0.15) -> None:
 
 
 def _transform_kind() -> str:
-    try:
-        import PIL  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError:
-        return "per-sample numpy->tensor + Normalize (torchvision not installed: no PIL step)"
-    return "torchvision ToTensor (via PIL) + Normalize"
+    return tutorial_transform(0.1307, 0.3081)[1]
 
 
 if __name__ == "__main__":

@@ -119,3 +119,18 @@ def test_mean_std_and_machine_info() -> None:
     assert info["torch_version"] == str(torch.__version__)
     assert info["command"].endswith("bench.py --repeats 1")
     assert info["cpu_model"]
+
+
+def test_tutorial_port_matches_dptrain_normalizer_from_pil_and_numpy(splits) -> None:
+    from dptrain.bench.tutorial_transforms import Compose, Normalize, ToTensor, to_image
+
+    pipeline = Compose([ToTensor(), Normalize((0.1307,), (0.3081,))])
+    images = splits.train_x[:5]
+    expected = Normalizer(0.1307, 0.3081)(images)
+    for i, img in enumerate(images.numpy()):
+        torch.testing.assert_close(pipeline(to_image(img)), expected[i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(pipeline(img), expected[i], rtol=0, atol=1e-6)
+    with pytest.raises(TypeError):
+        pipeline([[0, 1]])
+    with pytest.raises(ValueError, match="std evaluated to zero"):
+        Normalize((0.5,), (0.0,))(torch.zeros(1, 2, 2))

@@ -4,8 +4,9 @@ These are written the way the PyTorch tutorials and the classic ``examples/mnist
 them: a per-sample :class:`~torch.utils.data.Dataset` (``ToTensor`` + ``Normalize`` on every
 image), a ``DataLoader`` with ``shuffle=True`` and no workers, and a plain optimizer loop. They
 are deliberately *not* optimised -- but neither are they handicapped: the per-sample transform
-uses torchvision when it is installed and otherwise an equivalent that skips the PIL round trip
-(so without torchvision the baseline is, if anything, a little faster than the real tutorial).
+uses torchvision when it imports, and otherwise :mod:`dptrain.bench.tutorial_transforms`, a
+step-for-step port of torchvision's ``ToTensor`` + ``Normalize`` whose cost is measured against
+the real thing (``benchmarks/tutorial_fidelity.py``).
 
 Run one from the command line (prints a JSON object)::
 
@@ -20,47 +21,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dptrain.bench.tutorial_transforms import tutorial_transform
 from dptrain.data.datasets import Splits, load_splits
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-def _per_sample_transform(mean: float, std: float) -> Callable[[np.ndarray], torch.Tensor]:
-    """``ToTensor()`` + ``Normalize((mean,), (std,))`` for one ``(28, 28)`` uint8 array."""
-    try:
-        from PIL import Image
-        from torchvision import transforms
-    except ImportError:
-
-        def transform(img: np.ndarray) -> torch.Tensor:
-            # ToTensor, from the point where torchvision has the PIL image's pixels:
-            # copy, HWC view, CHW permute, contiguous, float, / 255
-            t = torch.from_numpy(np.array(img, np.uint8, copy=True))
-            t = t.view(img.shape[0], img.shape[1], 1).permute(2, 0, 1).contiguous()
-            t = t.to(dtype=torch.get_default_dtype()).div(255)
-            # Normalize, as torchvision's tensor path does it on every call: out of place,
-            # mean/std made into tensors, std checked for zeros, then sub_ and div_
-            t = t.clone()
-            mean_t = torch.as_tensor((mean,), dtype=t.dtype, device=t.device)
-            std_t = torch.as_tensor((std,), dtype=t.dtype, device=t.device)
-            if (std_t == 0).any():
-                raise ValueError(f"std evaluated to zero after conversion to {t.dtype}")
-            return t.sub_(mean_t.view(-1, 1, 1)).div_(std_t.view(-1, 1, 1))
-
-        return transform
-
-    pipeline = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    return lambda img: pipeline(Image.fromarray(img, mode="L"))
 
 
 class TutorialMNIST(Dataset):
@@ -81,7 +54,7 @@ class TutorialMNIST(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.data = images
         self.targets = labels
-        self.transform = _per_sample_transform(mean, std)
+        self.transform, self.transform_source = tutorial_transform(mean, std)
 
     def __len__(self) -> int:
         return len(self.data)
