@@ -62,6 +62,9 @@ class TrainConfig:
     static_graph: bool = _opt(False, "DDP: the graph is the same every step")
     find_unused_parameters: bool = _opt(False, "DDP: allow parameters that get no gradient")
     comm_hook: str = _opt("none", "DDP gradient compression hook", ("none", "fp16", "bf16"))
+    cpu_allreduce: str = _opt("auto", "DDP on CPU, one node: gradients through shared memory "
+                              "(shm) or gloo's TCP; auto = shm where possible",
+                              ("auto", "shm", "gloo"))
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm (DDP)")
     # --- optimisation
     epochs: int = _opt(1, "passes over the training split")
@@ -142,6 +145,12 @@ class TrainConfig:
             raise UsageError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if self.master_port > 65535:
             raise UsageError(f"--master-port {self.master_port} is not a TCP port (1-65535)")
+        if self.cpu_allreduce == "shm" and self.comm_hook != "none":
+            raise UsageError(f"--cpu-allreduce shm sums full-precision gradients; it cannot "
+                             f"combine with --comm-hook {self.comm_hook} (use one or the other)")
+        if self.cpu_allreduce == "shm" and self.nnodes > 1:
+            raise UsageError("--cpu-allreduce shm works within one node; with --nnodes "
+                             f"{self.nnodes} use --cpu-allreduce auto or gloo")
         if self.nnodes > 1 and self.master_port == 0:
             raise UsageError("multi-node runs need --master-port (the same on every node)")
         if self.nproc != "auto":

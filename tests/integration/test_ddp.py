@@ -35,11 +35,17 @@ def losses(path: Path) -> list[float]:
             if '"loss"' in x]
 
 
-@pytest.mark.parametrize("nproc, model", [(1, "linear"), (2, "myplugins:mlp"), (3, "linear")])
-def test_n_processes_equal_one_process_with_the_global_batch(tmp_path, nproc, model):
-    s1, sn = run_pair({**BASE, "model": model}, nproc, 25, tmp_path)
+@pytest.mark.parametrize("nproc, model, allreduce", [(1, "linear", "auto"),
+                                                    (2, "myplugins:mlp", "auto"),
+                                                    (2, "myplugins:mlp", "gloo"),
+                                                    (3, "linear", "auto")])
+def test_n_processes_equal_one_process_with_the_global_batch(tmp_path, nproc, model, allreduce):
+    s1, sn = run_pair({**BASE, "model": model, "cpu_allreduce": allreduce}, nproc, 25, tmp_path)
     assert s1["global_batch"] == sn["global_batch"] == 8 * nproc
     assert sn["world_size"] == nproc and sn["strategy"] == "ddp" and s1["strategy"] == "single"
+    # auto: shared memory between local processes; gloo's TCP when asked (or one process)
+    assert sn["allreduce"] == ("shm" if allreduce == "auto" and nproc > 1 else "gloo")
+    assert not list(Path("/dev/shm").glob("dptrain-allreduce-*"))  # nothing left behind
     diff, _ = compare(load(tmp_path / "one"), load(tmp_path / f"ddp{nproc}"))
     assert diff <= 1e-5
     l1, ln = losses(tmp_path / "one"), losses(tmp_path / f"ddp{nproc}")

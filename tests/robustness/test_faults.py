@@ -274,7 +274,9 @@ def test_a_hung_worker_is_named_and_the_job_ends_within_30_s(tmp_path):
     first = err.splitlines()[0]
     assert first.startswith("error: rank 0 timed out"), err[-3000:]
     assert "waiting for rank 1, which hung" in first and "--timeout-s" in first
-    assert "worker rank 0" in err and "Timed out" in err  # rank 0's traceback follows
+    # rank 0's traceback follows: gloo's timeout, or the shared-memory all-reduce's
+    assert "worker rank 0" in err
+    assert "Timed out" in err or "shared-memory all-reduce timed out after 5 s" in err
     assert len([p for p in tree if p != proc.pid]) >= 3  # two workers + resource tracker seen
     _assert_no_orphans(tree)
 

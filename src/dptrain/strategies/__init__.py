@@ -53,6 +53,7 @@ def build(cfg: TrainConfig, env: DistEnv, *, count_comm: bool = False) -> Strate
             static_graph=cfg.static_graph,
             find_unused_parameters=cfg.find_unused_parameters,
             comm_hook=cfg.comm_hook,
+            cpu_allreduce=cfg.cpu_allreduce,
             count_comm=count_comm,
             sync_bn=cfg.sync_bn,
         )

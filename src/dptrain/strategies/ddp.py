@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dptrain import dist
-from dptrain.strategies import syncbn
+from dptrain.errors import UsageError
+from dptrain.strategies import shm, syncbn
 from dptrain.strategies.base import Strategy
 
 
@@ -26,6 +28,7 @@ class DDPOptions:
     static_graph: bool = False
     find_unused_parameters: bool = False
     comm_hook: str = "none"  # none | fp16 | bf16
+    cpu_allreduce: str = "auto"  # auto | shm | gloo: how CPU gradients cross local processes
     count_comm: bool = False  # count all-reduce calls and bytes (tests, bench)
     sync_bn: bool = False  # BatchNorm statistics over the global batch
 
@@ -33,8 +36,8 @@ class DDPOptions:
 class CommCounter:
     """Comm-hook state: how many bucket all-reduces ran and how many bytes they carried."""
 
-    def __init__(self, process_group: Any = None) -> None:
-        self.process_group = process_group
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner  # the wrapped hook's own state
         self.calls = 0
         self.bytes = 0
 
@@ -44,7 +47,7 @@ def _counting(hook):  # noqa: ANN001, ANN202 - torch's hook signature
     def counted(state, bucket):  # noqa: ANN001, ANN202
         state.calls += 1
         state.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
-        return hook(state.process_group, bucket)
+        return hook(state.inner, bucket)
 
     return counted
 
@@ -74,12 +77,72 @@ class DistributedDataParallel(Strategy):
         self.timeout_s = timeout_s
         self.options = options or DDPOptions()
         self.comm: CommCounter | None = None
+        self.shm: shm.ShmAllReduce | None = None
+        self.allreduce_path = "gloo" if device.type == "cpu" else backend
 
     def setup(self) -> None:
         dist.init_process_group(self.env, self.backend, self.device, self.timeout_s)
 
     def teardown(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         dist.destroy_process_group()
+
+    def _shm_blocker(self) -> str | None:
+        """Why the shared-memory all-reduce cannot carry this job's gradients (None: it can)."""
+        if self.device.type != "cpu" or self.backend != "gloo":
+            return "it is for CPU tensors over gloo"
+        if self.world_size == 1:
+            return "there is one process"
+        if self.options.comm_hook != "none":
+            return f"--comm-hook {self.options.comm_hook} compresses through gloo"
+        if self.env.local_world_size != self.world_size:
+            return "the ranks are on several nodes"
+        return shm.supported()
+
+    def _connect_shm(self) -> None:
+        """Set up the shared-memory all-reduce on every rank, or on none (a collective)."""
+        wanted = self.options.cpu_allreduce
+        if wanted == "gloo" or self.device.type != "cpu" or self.world_size == 1:
+            return
+        blocker = self._shm_blocker()
+        if blocker is not None and wanted == "shm":
+            raise UsageError(f"--cpu-allreduce shm is not possible here: {blocker}; "
+                             "use --cpu-allreduce auto or gloo")
+        reducer, failure, path = None, blocker, None
+        if self.rank == 0 and blocker is None:  # create (and size) the file before others open it
+            path = shm.new_path()
+            try:
+                reducer = shm.ShmAllReduce(path, 0, self.world_size, self.timeout_s)
+            except (OSError, ValueError, shm.ShmError) as exc:
+                failure = f"rank 0: {exc}"
+        shared = self.broadcast_object(path if reducer is not None else None)
+        if self.rank != 0 and shared is not None:
+            try:
+                reducer = shm.ShmAllReduce(shared, self.rank, self.world_size, self.timeout_s)
+            except (OSError, ValueError, shm.ShmError) as exc:
+                failure = f"rank {self.rank}: {exc}"
+        elif self.rank != 0:
+            failure = failure or "rank 0 could not create the shared segment"
+        try:
+            failures = [f for f in self.all_gather_object(failure) if f]
+        finally:
+            if self.rank == 0 and path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # every rank has it mapped (or gave up): nothing left behind
+        if failures:
+            if reducer is not None:
+                reducer.close()
+            if wanted == "shm":
+                raise UsageError(f"--cpu-allreduce shm failed: {failures[0]}; "
+                                 "use --cpu-allreduce gloo")
+            self.allreduce_path = f"gloo ({failures[0]})"
+            return
+        assert reducer is not None
+        reducer.connect()
+        self.shm = reducer
+        self.allreduce_path = "shm"
 
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
@@ -94,12 +157,15 @@ class DistributedDataParallel(Strategy):
             find_unused_parameters=o.find_unused_parameters,
             **_NO_FORWARD_BUFFER_SYNC,
         )
-        hook = HOOKS[o.comm_hook]
+        self._connect_shm()
+        hook, state = HOOKS[o.comm_hook], None
+        if self.shm is not None:
+            hook, state = shm.allreduce_hook, self.shm
         if o.count_comm:
-            self.comm = CommCounter()
+            self.comm = CommCounter(state)
             ddp.register_comm_hook(self.comm, _counting(hook))
-        elif o.comm_hook != "none":
-            ddp.register_comm_hook(None, hook)
+        elif state is not None or o.comm_hook != "none":
+            ddp.register_comm_hook(state, hook)
         return ddp
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -138,4 +204,5 @@ class DistributedDataParallel(Strategy):
         return {**super().describe(), "bucket_cap_mb": o.bucket_cap_mb,
                 "gradient_as_bucket_view": o.gradient_as_bucket_view,
                 "static_graph": o.static_graph,
-                "find_unused_parameters": o.find_unused_parameters, "comm_hook": o.comm_hook}
+                "find_unused_parameters": o.find_unused_parameters, "comm_hook": o.comm_hook,
+                "allreduce": self.allreduce_path}

@@ -1,0 +1,182 @@
+"""Intra-node all-reduce of CPU gradients through shared memory (DDP on CPU, one host).
+
+Why: gloo all-reduces over TCP even between processes on one host. On a small VM every gloo
+all-reduce of more than one element costs about 2 ms whatever its size (measured on this
+project's 2-core machine: 0.25 ms for 4 bytes, 2.0-2.5 ms for 16 bytes to 400 KiB), because
+each ring step hands the data between several threads and sockets. For a small model the
+gradients of a step fit in one bucket, so that latency is paid, unhidden, every step.
+
+How: rank 0 creates one file in ``/dev/shm``; every local rank maps it and rank 0 unlinks it at
+once (the mapping lives on; nothing is left behind, even after a crash). For each all-reduce
+every rank copies its tensor into its own slot, publishes a sequence number, waits until every
+rank has published the same number, then sums the slots **in rank order** into its tensor --
+so every rank computes bitwise the same result. Slots alternate between two buffers: a rank can
+only overwrite a buffer after every rank has arrived at the next call, that is, after every rank
+has finished reading it. Tensors larger than a slot go through in chunks.
+
+Waiting is a short busy spin, then ``sched_yield`` (so an oversubscribed machine still makes
+progress), with two ways out: the process-group timeout, and a check that the ranks still
+waited for are alive -- a dead rank raises here instead of hanging the others.
+
+Limits: one host (every rank of the job local), CPU tensors, x86-64 (the protocol relies on its
+ordered stores; elsewhere dptrain stays on gloo). Used only where all of that holds; the
+strategy falls back to gloo otherwise, and ``--cpu-allreduce gloo`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import platform
+import time
+import uuid
+
+import torch
+
+SHM_DIR = "/dev/shm"
+HEADER = 4096  # one 64-byte line per rank: [sequence, pid], then padding
+LINE = 64
+MAX_TOTAL = 32 << 20  # bytes of slots in all (2 buffers x world slots)
+SPIN = 2000  # busy checks before yielding the CPU
+CHECK_EVERY = 0.05  # seconds between liveness/timeout checks while waiting
+
+
+class ShmError(RuntimeError):
+    """A peer died or did not arrive in time."""
+
+
+def supported() -> str | None:
+    """Why shared memory cannot be used on this machine, or ``None`` when it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{platform.machine()} is not x86-64"
+    if not (os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)):
+        return f"{SHM_DIR} is not a writable directory"
+    return None
+
+
+def slot_bytes(world_size: int) -> int:
+    return max(64 << 10, min(4 << 20, MAX_TOTAL // (2 * world_size))) // 64 * 64
+
+
+class ShmAllReduce:
+    """Sum CPU tensors across the ``world_size`` local ranks through one mapped file."""
+
+    def __init__(self, path: str, rank: int, world_size: int, timeout_s: float) -> None:
+        if world_size > HEADER // LINE:
+            raise ValueError(f"at most {HEADER // LINE} ranks, got {world_size}")
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.slot = slot_bytes(world_size)
+        size = HEADER + 2 * world_size * self.slot
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if rank == 0 else 0), 0o600)
+        try:
+            if rank == 0:
+                os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS on first write
+            elif os.fstat(fd).st_size != size:
+                raise ShmError(f"{path} has {os.fstat(fd).st_size} bytes, expected {size}")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._words = memoryview(self._map).cast("q")  # int64 view of the header
+        data = torch.frombuffer(self._map, dtype=torch.uint8, offset=HEADER,
+                                count=2 * world_size * self.slot)
+        self._buffers = data.view(2, world_size, self.slot)
+        self._seq = 0
+        self._words[self._word(rank, 1)] = os.getpid()
+        self._pids: list[int] = []
+
+    @staticmethod
+    def _word(rank: int, field: int) -> int:
+        return rank * (LINE // 8) + field
+
+    def connect(self) -> None:
+        """After every rank has mapped the file (a barrier): learn the peers' pids."""
+        self._pids = [self._words[self._word(r, 1)] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        self._buffers = None  # type: ignore[assignment]
+        self._words.release()
+        with contextlib.suppress(BufferError):  # a view still alive: it goes with the process
+            self._map.close()
+
+    # -- the collective -------------------------------------------------------------------
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (contiguous, CPU) over all ranks, in place; same bits on every rank."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError("shared-memory all-reduce takes contiguous CPU tensors")
+        flat = tensor.view(-1)
+        per_chunk = self.slot // tensor.element_size()
+        for start in range(0, flat.numel(), per_chunk):
+            self._reduce_chunk(flat[start:start + per_chunk])
+        return tensor
+
+    def _reduce_chunk(self, chunk: torch.Tensor) -> None:
+        self._seq += 1
+        seq = self._seq
+        nbytes = chunk.numel() * chunk.element_size()
+        slots = self._buffers[seq % 2, :, :nbytes].view(chunk.dtype)  # (world, n)
+        slots[self.rank].copy_(chunk)
+        self._words[self._word(self.rank, 0)] = seq  # publish: x86 keeps stores in order
+        self._wait_for(seq)
+        torch.sum(slots, dim=0, out=chunk) if self.world_size > 2 else \
+            torch.add(slots[0], slots[1], out=chunk)
+
+    def _wait_for(self, seq: int) -> None:
+        words, ranks = self._words, range(self.world_size)
+        index = [self._word(r, 0) for r in ranks]
+        spins = 0
+        deadline = next_check = None
+        while True:
+            if all(words[i] >= seq for i in index):
+                return
+            spins += 1
+            if spins < SPIN:
+                continue
+            os.sched_yield()
+            now = time.monotonic()
+            if deadline is None:
+                deadline, next_check = now + self.timeout_s, now + CHECK_EVERY
+            elif now >= next_check:
+                next_check = now + CHECK_EVERY
+                late = [r for r in ranks if words[index[r]] < seq]
+                self._check_alive(late)
+                if now >= deadline:
+                    raise ShmError(f"shared-memory all-reduce timed out after "
+                                   f"{self.timeout_s:g} s (--timeout-s) waiting for rank(s) "
+                                   f"{', '.join(map(str, late))}")
+
+    def _check_alive(self, ranks: list[int]) -> None:
+        for r in ranks:
+            pid = self._pids[r] if self._pids else 0
+            if pid > 0 and not _alive(pid):
+                raise ShmError(f"shared-memory all-reduce: rank {r} (pid {pid}) died")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, counts as dead)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def new_path() -> str:
+    return os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
+
+
+def allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks annotations literally
+    """DDP comm hook: average the bucket through shared memory; the future is already done."""
+    buffer = bucket.buffer()
+    state.all_reduce_(buffer).div_(state.world_size)
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
