@@ -72,21 +72,29 @@ def busbw(nbytes: float, seconds: float, n: int) -> float:
 
 
 def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
-                timeout_s: float = 300.0) -> dict[str, Any]:
+                timeout_s: float = 300.0, cpu_allreduce: str = "auto") -> dict[str, Any]:
     """One rank of the sweep (module-level: the elastic launcher spawns it).
 
-    Returns, on every rank, the backend and per size the slowest rank's mean seconds.
+    It times the all-reduce that DDP's gradients take with the same settings: NCCL on CUDA; on
+    CPU the shared-memory path between processes of one node (``cpu_allreduce`` auto/shm),
+    gloo otherwise. Returns, on every rank, the backend, that path and per size the slowest
+    rank's seconds.
     """
     import torch
     import torch.distributed as tdist
 
     from dptrain import dist, strategies
+    from dptrain.config import TrainConfig
 
     env = dist.detect()
-    torch.set_num_threads(1)  # gloo's reduction is not what we time; leave cores to peers
+    torch.set_num_threads(1)  # the reduction is not what we time; leave cores to peers
     dev = strategies.resolve_device(device, env)
-    backend = dist.resolve_backend("auto", dev)
-    dist.init_process_group(env, backend, dev, timeout_s)
+    strategy = strategies.build(TrainConfig(strategy="ddp", device=dev.type, timeout_s=timeout_s,
+                                            cpu_allreduce=cpu_allreduce), env)
+    backend = strategy.backend
+    strategy.setup()
+    strategy.connect_shm()
+    all_reduce = strategy.shm.all_reduce_ if strategy.shm is not None else tdist.all_reduce
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -95,19 +103,19 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
     try:
         warm = torch.zeros(max(sizes) // 4, dtype=torch.float32, device=dev)
         for _ in range(max(warmup, 1)):  # connections and buffers set up before any timing
-            tdist.all_reduce(warm)
+            all_reduce(warm)
         del warm
         points = []
         for nbytes in sizes:
             buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=dev)
             for _ in range(warmup):
-                tdist.all_reduce(buf)
+                all_reduce(buf)
             times = torch.zeros(iters, dtype=torch.float64)
             for i in range(iters):
                 sync()
                 tdist.barrier()
                 start = time.perf_counter()
-                tdist.all_reduce(buf)
+                all_reduce(buf)
                 sync()
                 times[i] = time.perf_counter() - start
             # the slowest rank sets the pace of each all-reduce
@@ -117,9 +125,10 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
             points.append({"bytes": nbytes, "time_s": statistics.median(per_iter),
                            "mean_time_s": statistics.fmean(per_iter), "times_s": per_iter})
             del buf
-        return {"backend": backend, "device": str(dev.type), "points": points}
+        return {"backend": backend, "allreduce": strategy.allreduce_path,
+                "device": str(dev.type), "points": points}
     finally:
-        dist.destroy_process_group()
+        strategy.teardown()
 
 
 def feasible(n: int, device: str) -> str | None:

@@ -68,6 +68,10 @@ def _balance(c: Config) -> str:
     return f"{kind}: {values} MiB (max/min {max(peaks) / min(peaks):.2f})"
 
 
+def _path(sweep: dict[str, Any]) -> str:
+    return sweep.get("allreduce") or sweep["backend"]
+
+
 def dp_vs_ddp(configs: list[Config]) -> list[str]:
     """The tutorials' DP-vs-DDP table, cells measured where this machine could measure them."""
     rows = ["| parallel mode | communication | memory balance | code needed | use case |",
@@ -96,7 +100,8 @@ def dp_vs_ddp(configs: list[Config]) -> list[str]:
             balance = _balance(widest)
         else:
             s = widest.summary
-            comm = (f"bucketed all-reduce ({s['backend']}) overlapped with backward: "
+            path = s.get("allreduce") or s["backend"]
+            comm = (f"bucketed all-reduce ({path}) overlapped with backward: "
                     f"{fmt_bytes(s['allreduce_bytes_per_step'])} in "
                     f"{s['allreduce_calls_per_step']:g} bucket(s) per step, exposed "
                     f"{_ms(widest, 'comm_s')} ms at n={widest.nproc}")
@@ -211,9 +216,13 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         "statistics are per process, so a model with BatchNorm differs slightly).", "",
         "## DP vs DDP, measured", "", *dp_vs_ddp(configs), "",
         "## What the device-resident pipeline buys", "", *baseline_rows(configs), "",
-        f"## All-reduce sweep ({', '.join(sorted({s['backend'] for s in comm['sweeps']}))})",
+        f"## All-reduce sweep ({', '.join(sorted({_path(s) for s in comm['sweeps']}))})",
         "",
     ]
+    if any(_path(s) == "shm" for s in comm["sweeps"]):
+        lines += ["shm: dptrain's shared-memory all-reduce, the path DDP's gradients take between "
+                  "the CPU processes of one node (`--cpu-allreduce`); gloo's TCP all-reduce is "
+                  "what they take between nodes.", ""]
     if comm["sweeps"]:
         lines += [*sweep_table(comm["sweeps"]), "",
                   "busbw = algbw · 2(n−1)/n (nccl-tests); time is the median over iterations "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,6 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dptrain import dist
-from dptrain.errors import UsageError
 from dptrain.strategies import shm, syncbn
 from dptrain.strategies.base import Strategy
 
@@ -93,56 +91,21 @@ class DistributedDataParallel(Strategy):
         """Why the shared-memory all-reduce cannot carry this job's gradients (None: it can)."""
         if self.device.type != "cpu" or self.backend != "gloo":
             return "it is for CPU tensors over gloo"
-        if self.world_size == 1:
-            return "there is one process"
         if self.options.comm_hook != "none":
             return f"--comm-hook {self.options.comm_hook} compresses through gloo"
         if self.env.local_world_size != self.world_size:
             return "the ranks are on several nodes"
         return shm.supported()
 
-    def _connect_shm(self) -> None:
+    def connect_shm(self) -> None:
         """Set up the shared-memory all-reduce on every rank, or on none (a collective)."""
         wanted = self.options.cpu_allreduce
         if wanted == "gloo" or self.device.type != "cpu" or self.world_size == 1:
             return
-        blocker = self._shm_blocker()
-        if blocker is not None and wanted == "shm":
-            raise UsageError(f"--cpu-allreduce shm is not possible here: {blocker}; "
-                             "use --cpu-allreduce auto or gloo")
-        reducer, failure, path = None, blocker, None
-        if self.rank == 0 and blocker is None:  # create (and size) the file before others open it
-            path = shm.new_path()
-            try:
-                reducer = shm.ShmAllReduce(path, 0, self.world_size, self.timeout_s)
-            except (OSError, ValueError, shm.ShmError) as exc:
-                failure = f"rank 0: {exc}"
-        shared = self.broadcast_object(path if reducer is not None else None)
-        if self.rank != 0 and shared is not None:
-            try:
-                reducer = shm.ShmAllReduce(shared, self.rank, self.world_size, self.timeout_s)
-            except (OSError, ValueError, shm.ShmError) as exc:
-                failure = f"rank {self.rank}: {exc}"
-        elif self.rank != 0:
-            failure = failure or "rank 0 could not create the shared segment"
-        try:
-            failures = [f for f in self.all_gather_object(failure) if f]
-        finally:
-            if self.rank == 0 and path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # every rank has it mapped (or gave up): nothing left behind
-        if failures:
-            if reducer is not None:
-                reducer.close()
-            if wanted == "shm":
-                raise UsageError(f"--cpu-allreduce shm failed: {failures[0]}; "
-                                 "use --cpu-allreduce gloo")
-            self.allreduce_path = f"gloo ({failures[0]})"
-            return
-        assert reducer is not None
-        reducer.connect()
-        self.shm = reducer
-        self.allreduce_path = "shm"
+        self.shm, self.allreduce_path = shm.connect(
+            self.rank, self.world_size, self.timeout_s, self._shm_blocker(),
+            required=wanted == "shm", broadcast=self.broadcast_object,
+            gather=self.all_gather_object)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
@@ -157,7 +120,7 @@ class DistributedDataParallel(Strategy):
             find_unused_parameters=o.find_unused_parameters,
             **_NO_FORWARD_BUFFER_SYNC,
         )
-        self._connect_shm()
+        self.connect_shm()
         hook, state = HOOKS[o.comm_hook], None
         if self.shm is not None:
             hook, state = shm.allreduce_hook, self.shm

@@ -31,8 +31,12 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from dptrain.errors import UsageError
 
 SHM_DIR = "/dev/shm"
 HEADER = 4096  # one 64-byte line per rank: [sequence, pid], then padding
@@ -169,8 +173,47 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def new_path() -> str:
-    return os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
+def connect(rank: int, world_size: int, timeout_s: float, blocker: str | None, *,
+            required: bool, broadcast: Callable[[Any], Any],
+            gather: Callable[[Any], list[Any]]) -> tuple[ShmAllReduce | None, str]:
+    """Map one segment on every rank of the job, or on none (a collective of ``broadcast`` and
+    ``gather``, the process group's object collectives). ``blocker``: this rank's reason not to
+    (``None``: no objection). Returns the reducer (``None``: stay on gloo) and a description
+    of the path taken for the summary. ``required``: a failure is a :class:`UsageError`."""
+    if blocker is not None and required:
+        raise UsageError(f"--cpu-allreduce shm is not possible here: {blocker}; "
+                         "use --cpu-allreduce auto or gloo")
+    reducer, failure, path = None, blocker, None
+    if rank == 0 and blocker is None:  # create (and size) the file before the others open it
+        path = os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
+        try:
+            reducer = ShmAllReduce(path, 0, world_size, timeout_s)
+        except (OSError, ValueError, ShmError) as exc:
+            failure = f"rank 0: {exc}"
+    shared = broadcast(path if reducer is not None else None)
+    if rank != 0 and shared is not None:
+        try:
+            reducer = ShmAllReduce(shared, rank, world_size, timeout_s)
+        except (OSError, ValueError, ShmError) as exc:
+            failure = f"rank {rank}: {exc}"
+    elif rank != 0:
+        failure = failure or "rank 0 could not create the shared segment"
+    try:
+        failures = [f for f in gather(failure) if f]
+    finally:
+        if rank == 0 and path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # every rank has it mapped (or gave up): nothing left behind
+    if failures:
+        if reducer is not None:
+            reducer.close()
+        if required:
+            raise UsageError(f"--cpu-allreduce shm failed: {failures[0]}; "
+                             "use --cpu-allreduce gloo")
+        return None, f"gloo ({failures[0]})"
+    assert reducer is not None
+    reducer.connect()
+    return reducer, "shm"
 
 
 def allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks annotations literally
