@@ -22,7 +22,7 @@ from dptrain.config import TrainConfig
 from dptrain.data.loader import Normalizer, ShardedLoader, eval_batches, eval_shard
 from dptrain.errors import UsageError
 from dptrain.metrics import Reporter
-from dptrain.optim import lr_at, set_lr
+from dptrain.optim import direct_step, lr_at, set_lr
 from dptrain.strategies import Strategy
 
 
@@ -171,6 +171,7 @@ class Trainer:
         self.window_start = 0  # optimizer step of self.losses[0]
         self.scaler_enabled = scaler.is_enabled()
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.optimizer_step = direct_step(optimizer)
         self.precision_ctx = (autocast(cfg, self.device) if cfg.precision != "32"
                               else contextlib.nullcontext())
 
@@ -200,7 +201,7 @@ class Trainer:
             self.scaler.step(opt)
             self.scaler.update()
         else:
-            opt.step()
+            self.optimizer_step()
         for p in self.params:  # zero_grad(set_to_none=True) without its per-call wrapper cost
             p.grad = None
 
