@@ -79,3 +79,31 @@ def test_random_shift_is_deterministic_and_a_translation():
         (r, c), = (img == 255).nonzero().tolist()
         assert abs(r - 10) <= 2 and abs(c - 10) <= 2
         assert int((img > 0).sum()) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 1 << 20])  # values per chunk: 1 step, a few, all
+@pytest.mark.parametrize("world, rank, accum, augment",
+                         [(1, 0, 1, "none"), (3, 2, 2, "none"), (2, 1, 1, "shift")])
+def test_chunked_gather_equals_one_gather_per_micro_batch(monkeypatch, chunk, world, rank,
+                                                          accum, augment):
+    import dptrain.data.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "CHUNK_FLOATS", chunk)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (500, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (500,), generator=gen)
+    norm = Normalizer(0.1307, 0.3081)
+    loader = ShardedLoader(x, y, batch_size=16, rank=rank, world=world, accum=accum, seed=5,
+                           normalize=norm, augment=augment)
+    for start in (0, 3):
+        got = list(loader.epoch(1, start))
+        assert len(got) == loader.steps_per_epoch - start
+        perm = loader.permutation(1)
+        for step, micro in zip(range(start, loader.steps_per_epoch), got, strict=True):
+            assert len(micro) == accum
+            for k, (xb, yb) in enumerate(micro):
+                idx = loader.indices(perm, step, k)
+                raw = x.index_select(0, idx)
+                if augment == "shift":
+                    raw = random_shift(raw, 5, 1, step, k, rank)
+                assert torch.equal(xb, norm(raw)) and torch.equal(yb, y.index_select(0, idx))
