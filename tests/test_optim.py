@@ -45,11 +45,28 @@ def test_direct_step_is_bitwise_the_wrapped_step(values: dict) -> None:
 
 
 def test_direct_step_keeps_the_wrapped_step_when_hooks_are_registered() -> None:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    assert direct_step(opt) != opt.step
-    handle = opt.register_step_post_hook(lambda *_: None)
-    assert direct_step(opt) == opt.step
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    calls = []
+    handle = opt.register_step_post_hook(lambda *_: calls.append(1))
+    step = direct_step(opt)
+    param.grad = torch.ones(2)
+    step()
+    assert calls == [1] and torch.allclose(param, torch.full((2,), 0.9))
     handle.remove()
+    step()
+    assert calls == [1] and torch.allclose(param, torch.full((2,), 0.8))
+    handle = opt.register_step_pre_hook(lambda *_: calls.append(2))  # registered after
+    step()
+    assert calls == [1, 2]
+    handle.remove()
+    differentiable = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1,
+                                     differentiable=True)
+    assert direct_step(differentiable) == differentiable.step
+    scheduled = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(scheduled, step_size=1)  # patches step on the instance
+    if "step" in vars(scheduled):
+        assert direct_step(scheduled) == scheduled.step
     differentiable = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1,
                                      differentiable=True)
     assert direct_step(differentiable) == differentiable.step

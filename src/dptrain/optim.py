@@ -44,8 +44,9 @@ def direct_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     batch-64 ``linear`` step. The update itself is the same function
     (``_init_group`` and the fused/foreach kernel), run under ``no_grad`` as the wrapper does
     for a non-differentiable optimizer, so parameters and state are bitwise the same (tested).
-    Falls back to the wrapped ``step`` when step hooks are registered (they would be skipped),
-    for differentiable optimizers, or when the wrapping is not the expected one.
+    Falls back to the wrapped ``step`` while step hooks are registered (they would be skipped),
+    when ``step`` was replaced on the instance, for differentiable optimizers, or when the
+    wrapping is not the expected one.
     """
     step = getattr(type(optimizer), "step", None)
     plain = inspect.unwrap(step) if step is not None else None
@@ -53,11 +54,15 @@ def direct_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
              getattr(optimizer, "_optimizer_step_post_hooks", None),
              getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
              getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
-    if (plain is None or plain is step or any(h is None or len(h) for h in hooks)
+    if (plain is None or plain is step or any(h is None for h in hooks)
+            or "step" in vars(optimizer)  # patched on the instance (e.g. by an LR scheduler)
             or optimizer.defaults.get("differentiable", False)):
         return optimizer.step
 
     def run() -> None:
+        if any(hooks):  # hooks registered since: keep their semantics
+            optimizer.step()
+            return
         with torch.no_grad():
             plain(optimizer)
 

@@ -4,6 +4,7 @@ hanging, and nothing left in /dev/shm."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -17,7 +18,7 @@ from dptrain.strategies import shm
 
 pytestmark = pytest.mark.skipif(shm.supported() is not None, reason=f"{shm.supported()}")
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _inputs(rank: int, world: int) -> list[torch.Tensor]:
@@ -82,8 +83,14 @@ def _fault_worker(path: str, rank: int, world: int, barrier, queue, fault: str) 
     if rank == 1:
         if fault == "dies":
             os._exit(0)
+        if fault == "aborts":  # times out alone, then lingers (as a rank stuck in teardown)
+            reducer.timeout_s = 0.3
+            with contextlib.suppress(shm.ShmError):
+                reducer.all_reduce_(torch.ones(10))
         time.sleep(30)  # alive, but never arrives
         return
+    if fault == "aborts":
+        time.sleep(1.0)  # arrive after rank 1 gave up
     start = time.monotonic()
     try:
         reducer.all_reduce_(torch.ones(10))
@@ -93,7 +100,8 @@ def _fault_worker(path: str, rank: int, world: int, barrier, queue, fault: str) 
 
 
 @pytest.mark.parametrize("fault, message, within",
-                         [("dies", "rank 1 (pid", 1.5), ("silent", "timed out after 2 s", 4.0)])
+                         [("dies", "rank 1 (pid", 1.5), ("silent", "timed out after 2 s", 4.0),
+                          ("aborts", "rank 1 failed in this collective", 1.0)])
 def test_a_dead_or_silent_peer_raises_instead_of_hanging(tmp_path, fault, message, within):
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()

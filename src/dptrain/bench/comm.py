@@ -93,14 +93,14 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
                                             cpu_allreduce=cpu_allreduce), env)
     backend = strategy.backend
     strategy.setup()
-    strategy.connect_shm()
-    all_reduce = strategy.shm.all_reduce_ if strategy.shm is not None else tdist.all_reduce
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     try:
+        strategy.connect_shm()
+        all_reduce = strategy.shm.all_reduce_ if strategy.shm is not None else tdist.all_reduce
         warm = torch.zeros(max(sizes) // 4, dtype=torch.float32, device=dev)
         for _ in range(max(warmup, 1)):  # connections and buffers set up before any timing
             all_reduce(warm)

@@ -86,6 +86,8 @@ class ShardedLoader:
         about ``CHUNK_FLOATS`` normalised values, then slices): the same batches, bit for bit,
         as gathering each micro-batch on its own, for a fraction of the per-step operations.
         """
+        if self.augment not in ("none", "shift"):
+            raise ValueError(f"unknown augmentation {self.augment!r}")
         perm = self.permutation(epoch)
         b, accum, world = self.batch_size, self.accum, self.world
         sample = max(1, self.x[0].numel()) if len(self.x) else 1

@@ -15,6 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dptrain import dist
+from dptrain.errors import UsageError
 from dptrain.strategies import shm, syncbn
 from dptrain.strategies.base import Strategy
 
@@ -100,6 +101,9 @@ class DistributedDataParallel(Strategy):
     def connect_shm(self) -> None:
         """Set up the shared-memory all-reduce on every rank, or on none (a collective)."""
         wanted = self.options.cpu_allreduce
+        if wanted == "shm" and self.device.type != "cpu":
+            raise UsageError(f"--cpu-allreduce shm is for CPU training; on {self.device.type} "
+                             "DDP uses the backend's all-reduce (drop the flag)")
         if wanted == "gloo" or self.device.type != "cpu" or self.world_size == 1:
             return
         self.shm, self.allreduce_path = shm.connect(

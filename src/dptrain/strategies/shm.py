@@ -9,8 +9,9 @@ gradients of a step fit in one bucket, so that latency is paid, unhidden, every 
 How: rank 0 creates one file in ``/dev/shm``; every local rank maps it and rank 0 unlinks it at
 once (the mapping lives on; nothing is left behind, even after a crash). For each all-reduce
 every rank copies its tensor into its own slot, publishes a sequence number, waits until every
-rank has published the same number, then sums the slots **in rank order** into its tensor --
-so every rank computes bitwise the same result. Slots alternate between two buffers: a rank can
+rank has published the same number, then sums the slots into its tensor, all ranks the same way
+in a fixed order (``torch.sum`` over the rank dimension), so every rank computes bitwise the
+same result. Slots alternate between two buffers: a rank can
 only overwrite a buffer after every rank has arrived at the next call, that is, after every rank
 has finished reading it. Tensors larger than a slot go through in chunks.
 
@@ -43,7 +44,10 @@ HEADER = 4096  # one 64-byte line per rank: [sequence, pid], then padding
 LINE = 64
 MAX_TOTAL = 32 << 20  # bytes of slots in all (2 buffers x world slots)
 SPIN = 2000  # busy checks before yielding the CPU
+YIELD_FOR = 0.002  # seconds of sched_yield before sleeping between checks (long waits)
+NAP = 50e-6  # the sleep between checks of a long wait: leaves the core to the awaited rank
 CHECK_EVERY = 0.05  # seconds between liveness/timeout checks while waiting
+ABORTED = -1  # a rank's sequence word after it failed inside a collective
 
 
 class ShmError(RuntimeError):
@@ -110,8 +114,14 @@ class ShmAllReduce:
             raise ValueError("shared-memory all-reduce takes contiguous CPU tensors")
         flat = tensor.view(-1)
         per_chunk = self.slot // tensor.element_size()
-        for start in range(0, flat.numel(), per_chunk):
-            self._reduce_chunk(flat[start:start + per_chunk])
+        try:
+            for start in range(0, flat.numel(), per_chunk):
+                self._reduce_chunk(flat[start:start + per_chunk])
+        except BaseException:
+            # failing (timeout, a dead peer, Ctrl-C): tell the others at once, so that they
+            # fail too instead of waiting for this rank until their own timeout
+            self._words[self._word(self.rank, 0)] = ABORTED
+            raise
         return tensor
 
     def _reduce_chunk(self, chunk: torch.Tensor) -> None:
@@ -120,7 +130,10 @@ class ShmAllReduce:
         nbytes = chunk.numel() * chunk.element_size()
         slots = self._buffers[seq % 2, :, :nbytes].view(chunk.dtype)  # (world, n)
         slots[self.rank].copy_(chunk)
-        self._words[self._word(self.rank, 0)] = seq  # publish: x86 keeps stores in order
+        # publish. The copy's stores (some by OpenMP threads, which joined before copy_
+        # returned; glibc's non-temporal copies end with a fence) are visible before this one:
+        # x86 does not reorder stores with stores. That is why the path is x86-64 only.
+        self._words[self._word(self.rank, 0)] = seq
         self._wait_for(seq)
         torch.sum(slots, dim=0, out=chunk) if self.world_size > 2 else \
             torch.add(slots[0], slots[1], out=chunk)
@@ -136,13 +149,21 @@ class ShmAllReduce:
             spins += 1
             if spins < SPIN:
                 continue
-            os.sched_yield()
             now = time.monotonic()
             if deadline is None:
+                started = now
                 deadline, next_check = now + self.timeout_s, now + CHECK_EVERY
-            elif now >= next_check:
+            if now - started < YIELD_FOR:
+                os.sched_yield()
+            else:
+                time.sleep(NAP)
+            if now >= next_check:
                 next_check = now + CHECK_EVERY
                 late = [r for r in ranks if words[index[r]] < seq]
+                aborted = [r for r in late if words[index[r]] == ABORTED]
+                if aborted:
+                    raise ShmError(f"shared-memory all-reduce: rank {aborted[0]} failed in "
+                                   "this collective (see its error)")
                 self._check_alive(late)
                 if now >= deadline:
                     raise ShmError(f"shared-memory all-reduce timed out after "
@@ -184,21 +205,21 @@ def connect(rank: int, world_size: int, timeout_s: float, blocker: str | None, *
         raise UsageError(f"--cpu-allreduce shm is not possible here: {blocker}; "
                          "use --cpu-allreduce auto or gloo")
     reducer, failure, path = None, blocker, None
-    if rank == 0 and blocker is None:  # create (and size) the file before the others open it
-        path = os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
-        try:
-            reducer = ShmAllReduce(path, 0, world_size, timeout_s)
-        except (OSError, ValueError, ShmError) as exc:
-            failure = f"rank 0: {exc}"
-    shared = broadcast(path if reducer is not None else None)
-    if rank != 0 and shared is not None:
-        try:
-            reducer = ShmAllReduce(shared, rank, world_size, timeout_s)
-        except (OSError, ValueError, ShmError) as exc:
-            failure = f"rank {rank}: {exc}"
-    elif rank != 0:
-        failure = failure or "rank 0 could not create the shared segment"
     try:
+        if rank == 0 and blocker is None:  # create (and size) the file before others open it
+            path = os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
+            try:
+                reducer = ShmAllReduce(path, 0, world_size, timeout_s)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+                failure = f"rank 0: {exc}"
+        shared = broadcast(path if reducer is not None else None)
+        if rank != 0 and shared is not None:
+            try:
+                reducer = ShmAllReduce(shared, rank, world_size, timeout_s)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+                failure = f"rank {rank}: {exc}"
+        elif rank != 0:
+            failure = failure or "rank 0 could not create the shared segment"
         failures = [f for f in gather(failure) if f]
     finally:
         if rank == 0 and path is not None:
