@@ -101,6 +101,11 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
     try:
         strategy.connect_shm()
         all_reduce = strategy.shm.all_reduce_ if strategy.shm is not None else tdist.all_reduce
+        # line the ranks up before each timed call with the path itself: leaving a gloo barrier
+        # can be ~1 ms apart, more than a whole shared-memory all-reduce
+        token = torch.zeros(1)
+        barrier = ((lambda: strategy.shm.all_reduce_(token)) if strategy.shm is not None
+                   else tdist.barrier)
         warm = torch.zeros(max(sizes) // 4, dtype=torch.float32, device=dev)
         for _ in range(max(warmup, 1)):  # connections and buffers set up before any timing
             all_reduce(warm)
@@ -113,7 +118,7 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
             times = torch.zeros(iters, dtype=torch.float64)
             for i in range(iters):
                 sync()
-                tdist.barrier()
+                barrier()
                 start = time.perf_counter()
                 all_reduce(buf)
                 sync()
