@@ -190,8 +190,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_training(cfg, legacy_local_rank=args.local_rank, started_at=started_at)
     if summary is not None:
         if summary.get("stopped_by_signal"):
+            # stderr, like the launcher's own stop line: stdout stays for results
             print(f"stopped by signal at step {summary['steps']}; checkpoint written, "
-                  f"continue with --resume auto --out {summary['out']}")
+                  f"continue with `dptrain train --resume auto --out {summary['out']}` and the "
+                  "same flags", file=sys.stderr)
             return 143
         print_summary(summary)
     return 0

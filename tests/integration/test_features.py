@@ -166,7 +166,8 @@ def test_sigterm_checkpoints_then_resume_auto_finishes_bitwise(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    assert "stopped by signal" in out
+    assert "stopped by signal" in err and "--resume auto" in err  # stderr, as the launcher's
+    assert "stopped by signal" not in out
     stopped = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < stopped["position"]["step"] < 200
     again = run_cli(*args, "--resume", "auto", "--out", str(tmp_path / "pre"))
