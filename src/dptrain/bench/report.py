@@ -68,8 +68,9 @@ def _balance(c: Config) -> str:
     return f"{kind}: {values} MiB (max/min {max(peaks) / min(peaks):.2f})"
 
 
-def _path(sweep: dict[str, Any]) -> str:
-    return sweep.get("allreduce") or sweep["backend"]
+def _path(record: dict[str, Any]) -> str:
+    """The all-reduce a sweep or a run's summary used: ``shm``, or the backend's."""
+    return record.get("allreduce") or record["backend"]
 
 
 def dp_vs_ddp(configs: list[Config]) -> list[str]:
@@ -100,8 +101,7 @@ def dp_vs_ddp(configs: list[Config]) -> list[str]:
             balance = _balance(widest)
         else:
             s = widest.summary
-            path = s.get("allreduce") or s["backend"]
-            comm = (f"bucketed all-reduce ({path}) overlapped with backward: "
+            comm = (f"bucketed all-reduce ({_path(s)}) overlapped with backward: "
                     f"{fmt_bytes(s['allreduce_bytes_per_step'])} in "
                     f"{s['allreduce_calls_per_step']:g} bucket(s) per step, exposed "
                     f"{_ms(widest, 'comm_s')} ms at n={widest.nproc}")

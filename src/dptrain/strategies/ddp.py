@@ -77,7 +77,7 @@ class DistributedDataParallel(Strategy):
         self.options = options or DDPOptions()
         self.comm: CommCounter | None = None
         self.shm: shm.ShmAllReduce | None = None
-        self.allreduce_path = "gloo" if device.type == "cpu" else backend
+        self.allreduce_path = backend
 
     def setup(self) -> None:
         dist.init_process_group(self.env, self.backend, self.device, self.timeout_s)
@@ -90,7 +90,7 @@ class DistributedDataParallel(Strategy):
 
     def _shm_blocker(self) -> str | None:
         """Why the shared-memory all-reduce cannot carry this job's gradients (None: it can)."""
-        if self.device.type != "cpu" or self.backend != "gloo":
+        if self.backend != "gloo":  # connect_shm only asks on CPU
             return "it is for CPU tensors over gloo"
         if self.options.comm_hook != "none":
             return f"--comm-hook {self.options.comm_hook} compresses through gloo"

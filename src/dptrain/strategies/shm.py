@@ -11,13 +11,14 @@ once (the mapping lives on; nothing is left behind, even after a crash). For eac
 every rank copies its tensor into its own slot, publishes a sequence number, waits until every
 rank has published the same number, then sums the slots into its tensor, all ranks the same way
 in a fixed order (``torch.sum`` over the rank dimension), so every rank computes bitwise the
-same result. Slots alternate between two buffers: a rank can
-only overwrite a buffer after every rank has arrived at the next call, that is, after every rank
-has finished reading it. Tensors larger than a slot go through in chunks.
+same result. Slots alternate between two buffers: a rank can only overwrite a buffer after every
+rank has arrived at the next call, that is, after every rank has finished reading it. Tensors
+larger than a slot go through in chunks.
 
-Waiting is a short busy spin, then ``sched_yield`` (so an oversubscribed machine still makes
-progress), with two ways out: the process-group timeout, and a check that the ranks still
-waited for are alive -- a dead rank raises here instead of hanging the others.
+Waiting is a short busy spin, then ``sched_yield`` for about 2 ms, then short naps (so an
+oversubscribed machine still makes progress), with three ways out: the process-group timeout,
+a peer that marked itself aborted, and a check that the ranks still waited for are alive -- a
+dead rank raises here instead of hanging the others.
 
 Limits: one host (every rank of the job local), CPU tensors, x86-64 (the protocol relies on its
 ordered stores; elsewhere dptrain stays on gloo). Used only where all of that holds; the
@@ -135,8 +136,10 @@ class ShmAllReduce:
         # x86 does not reorder stores with stores. That is why the path is x86-64 only.
         self._words[self._word(self.rank, 0)] = seq
         self._wait_for(seq)
-        torch.sum(slots, dim=0, out=chunk) if self.world_size > 2 else \
+        if self.world_size == 2:
             torch.add(slots[0], slots[1], out=chunk)
+        else:
+            torch.sum(slots, dim=0, out=chunk)
 
     def _wait_for(self, seq: int) -> None:
         words, ranks = self._words, range(self.world_size)
