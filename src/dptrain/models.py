@@ -113,32 +113,13 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def flops_per_sample(model: nn.Module) -> int:
-    """Forward multiply-adds x 2 for one 1x28x28 sample (conv and linear layers only).
+    """Forward FLOPs (multiply-add = 2) for one normalised 1x28x28 sample.
 
-    Training costs about 3x this (forward + two backward matmuls).
+    Counted by :func:`dptrain.flops.model_flops_per_sample` (matmuls and convolutions; for any
+    input structure call that directly). Training costs about 3x this (forward + two backward
+    matmuls).
     """
-    total = 0
-    hooks = []
+    from dptrain.flops import model_flops_per_sample
 
-    def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
-        total += 2 * k * out[0].numel()
-
-    def linear_hook(m: nn.Linear, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        total += 2 * m.in_features * m.out_features
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
-    return total
+    device = next(model.parameters()).device
+    return model_flops_per_sample(model, torch.zeros(1, 1, 28, 28, device=device))
