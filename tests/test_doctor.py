@@ -22,6 +22,8 @@ NAMES = [
     "cuda",
     "backends",
     "cpu",
+    "isa",
+    "matmul_peak",
     "loopback_port",
     "default_port",
     "network",
@@ -78,7 +80,91 @@ def test_text_report_exit_code(no_launcher_env, capsys):
 
 def test_loopback_port_is_free_here():
     c = doctor.check_loopback_port()
-    assert c.status == "ok" and 0 < c.facts["port"] < 65536
+    assert c.status == "ok" and 0 < c.facts["port"] < 65536 and c.facts["ok"] is True
+    assert doctor._loopback_tcp("127.0.0.1") is None  # the local copy of the check agrees
+
+
+class _NoConnect(socket.socket):
+    """A socket whose connect fails as it does with the loopback interface down."""
+
+    def connect(self, address):
+        raise OSError(101, "Network is unreachable")
+
+
+def test_loopback_down_means_training_cannot_run(monkeypatch, no_launcher_env):
+    monkeypatch.setattr(socket, "socket", _NoConnect)
+    why = doctor._loopback_tcp("127.0.0.1")
+    assert why == "cannot open a TCP connection to 127.0.0.1 on this machine (Network is " \
+        "unreachable)"
+    c = doctor.check_loopback_port()
+    assert c.status == "fail" and "Network is unreachable" in c.detail
+    assert "ip link set lo up" in c.advice and c.facts["ok"] is False
+    results = doctor.run_checks((doctor.check_versions, doctor.check_loopback_port))
+    assert doctor.exit_code(results) == 1
+    last = doctor.format_text(results).splitlines()[-1]
+    assert not last.startswith("training can run") and "training cannot run here" in last
+
+
+def test_loopback_uses_dist_check_when_present(monkeypatch):
+    from dptrain import dist
+
+    monkeypatch.setattr(dist, "loopback_ok", lambda host: f"{host}: refused", raising=False)
+    c = doctor.check_loopback_port()
+    assert (c.status, c.detail) == ("fail", "127.0.0.1: refused")
+    monkeypatch.setattr(doctor, "_torch", lambda: None)  # torch broken: the local check runs
+    assert doctor.check_loopback_port().status == "ok"
+
+
+XEON = "model name\t: Intel Xeon 8488C\nflags\t: avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n"
+EPYC = "model name\t: AMD EPYC\nflags\t: avx avx2 fma\n"
+
+
+def _cpu(monkeypatch, text):
+    from dptrain import hardware
+
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: hardware.parse_cpuinfo(text))
+    monkeypatch.setattr(hardware, "_info", None)
+
+
+def test_isa_names_the_features_that_matter(monkeypatch):
+    _cpu(monkeypatch, XEON)
+    c = doctor.check_isa()
+    assert c.status == "ok" and c.advice == ""
+    assert c.detail.startswith("Intel Xeon 8488C: AVX2, AVX-512, AVX512-BF16, AMX-BF16; ATen ")
+    assert c.detail.endswith("bf16 runs natively (oneDNN)")
+    assert c.facts["native_bf16"] is True and "amx_bf16" in c.facts["flags"]
+    _cpu(monkeypatch, EPYC)
+    c = doctor.check_isa()
+    assert c.detail.startswith("AMD EPYC: AVX2, no AVX-512, no AVX512-BF16, no AMX; ")
+    assert c.facts["native_bf16"] is False and "--precision 32" in c.advice
+    monkeypatch.setattr(doctor.platform, "machine", lambda: "x86_64")
+    _cpu(monkeypatch, "model name\t: old\nflags\t: sse2\n")
+    assert doctor.check_isa().status == "warn"
+
+
+def test_matmul_peak_is_measured(monkeypatch):
+    from dptrain import hardware
+
+    rates = {"fp32": 2e11, "bf16": 7e11}
+    monkeypatch.setattr(hardware, "measure_matmul", lambda name, **kw: {
+        "flops": rates[name], "size": 2048})
+    monkeypatch.setattr(hardware, "native_bf16", lambda: True)
+    c = doctor.check_matmul_peak()
+    assert c.status == "ok" and c.advice == ""
+    assert "fp32 200.0 GFLOP/s (n=2048), bf16 700.0 GFLOP/s (n=2048) = 3.5x fp32" in c.detail
+    assert c.facts["cpu"]["bf16"]["flops"] == 7e11
+    rates["bf16"] = 1e11  # native bf16 slower than fp32: something disables AMX
+    c = doctor.check_matmul_peak()
+    assert c.status == "warn" and "ONEDNN_MAX_CPU_ISA" in c.advice
+    monkeypatch.setattr(hardware, "native_bf16", lambda: False)
+    rates["bf16"] = 1e9  # emulated, as on an AVX2-only CPU
+    c = doctor.check_matmul_peak()
+    assert c.status == "ok" and "keep --precision 32" in c.advice and "0.005x fp32" in c.detail
+
+
+def test_matmul_peak_for_real():
+    c = doctor.check_matmul_peak(seconds=0.05)
+    assert c.facts["cpu"]["fp32"]["flops"] > 1e8 and c.facts["cpu"]["bf16"]["flops"] > 1e6
 
 
 def test_busy_default_port_warns():

@@ -1,11 +1,14 @@
 """``dptrain doctor``: can this machine train, alone and with others?
 
 Each check is a small function returning a :class:`Check`; :data:`CHECKS` lists them in the
-order they print. A check reads the machine and never changes it (a port is bound and released
-at once, nothing is written). Status ``fail`` means training cannot run here as things stand
-(torch does not import, no Gloo backend, the loopback port cannot be bound, the launcher
-environment is inconsistent) and makes ``dptrain doctor`` exit 1; ``warn`` is something to
-fix before a multi-process or multi-node run.
+order they print. A check reads the machine and never changes it (a loopback connection is
+opened and closed at once, the matmul peak is measured for about a second and not cached,
+nothing is written). Status ``fail`` means training cannot run here as things stand (torch
+does not import, no Gloo backend, TCP on loopback does not work, the launcher environment is
+inconsistent) and makes ``dptrain doctor`` exit 1; ``warn`` is something to fix before a
+multi-process or multi-node run. The ``isa`` and ``matmul_peak`` checks say what the CPU can
+do (AVX2, AVX-512, AVX512-BF16, AMX; fp32 and bf16 FLOP/s), which decides the precision to
+train in.
 
 torch is imported inside the checks, never at module level, so that a broken torch is reported
 as a failed check instead of a traceback.
@@ -48,6 +51,7 @@ MNIST_STEMS = (
     "t10k-labels-idx1-ubyte",
 )
 RESOLVE_TIMEOUT_S = 3.0
+PEAK_SECONDS = 0.4  # per dtype: the matmul peak check takes about a second
 
 
 @dataclass(frozen=True)
@@ -264,27 +268,145 @@ def check_cpu() -> Check:
     return Check("cpu", "ok", detail, facts=facts)
 
 
+def check_isa() -> Check:
+    """The ISA features that decide CPU training speed: AVX2, AVX-512, AVX512-BF16, AMX."""
+    if _torch() is None:
+        return _no_torch("isa")
+    from dptrain import hardware
+
+    info = hardware.cpu_info(refresh=True)
+    have = set(info.flags)
+    facts: dict[str, Any] = {**info.to_dict(), "machine": platform.machine()}
+
+    def yes(flag: str, name: str) -> str:
+        return name if flag in have else f"no {name}"
+
+    amx = "AMX-BF16" if "amx_bf16" in have else "no AMX"
+    features = ", ".join([yes("avx2", "AVX2"), yes("avx512f", "AVX-512"),
+                          yes("avx512_bf16", "AVX512-BF16"), amx])
+    bf16 = ("bf16 runs natively (oneDNN)" if info.native_bf16
+            else "bf16 is NOT native: it is emulated, far slower than fp32")
+    detail = (f"{info.model}: {features}; ATen kernels {info.capability}; {bf16}")
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    if x86 and "avx2" not in have:
+        return Check("isa", "warn", detail,
+                     "no AVX2: CPU training runs several times slower than on a current x86 "
+                     "CPU; use a newer machine for real work", facts)
+    advice = "" if info.native_bf16 else "train in fp32 here (--precision 32; --recipe " \
+        "mnist-fast chooses it by itself)"
+    return Check("isa", "ok", detail, advice, facts)
+
+
+def _gflops(r: dict[str, Any]) -> str:
+    return f"{r['flops'] / 1e9:,.1f} GFLOP/s (n={r['size']})"
+
+
+def check_matmul_peak(seconds: float = PEAK_SECONDS) -> Check:
+    """Measured fp32 and bf16 matmul peak of this CPU at torch's thread count (GPU 0 too)."""
+    if _torch() is None:
+        return _no_torch("matmul_peak")
+    from dptrain import hardware
+
+    torch = _torch()
+    cpu = {name: hardware.measure_matmul(name, seconds=seconds) for name in ("fp32", "bf16")}
+    facts: dict[str, Any] = {"cpu": cpu, "threads": torch.get_num_threads(),
+                             "native_bf16": hardware.native_bf16()}
+    ratio = cpu["bf16"]["flops"] / cpu["fp32"]["flops"]
+    detail = (f"CPU ({torch.get_num_threads()} thread(s)): fp32 {_gflops(cpu['fp32'])}, "
+              f"bf16 {_gflops(cpu['bf16'])} = {ratio:.2g}x fp32")
+    if torch.cuda.is_available():
+        gpu = {name: hardware.measure_matmul(name, seconds=seconds / 2, device="cuda")
+               for name in ("fp32", "bf16")}
+        facts["cuda0"] = gpu
+        detail += (f"; GPU 0: fp32 {gpu['fp32']['flops'] / 1e12:,.1f} TFLOP/s, bf16 "
+                   f"{gpu['bf16']['flops'] / 1e12:,.1f} TFLOP/s")
+    if hardware.native_bf16() and ratio < 1.0:
+        return Check("matmul_peak", "warn", detail,
+                     "this CPU has native bf16 but bf16 matmuls are no faster than fp32: check "
+                     "that ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA do not disable AMX/AVX512-BF16, "
+                     "and that other processes left the cores alone", facts)
+    advice = "" if ratio >= 1.0 else "bf16 is slower than fp32 here: keep --precision 32"
+    return Check("matmul_peak", "ok", detail, advice, facts)
+
+
 # ---------------------------------------------------------------------------- network
+def _loopback_tcp(host: str, timeout_s: float = 2.0) -> str | None:
+    """Bind, listen, connect, accept and pass one byte each way on ``host``; the reason it
+    fails, or None.
+
+    The same check as ``dptrain.dist.loopback_ok`` (used when it exists), kept here so that
+    doctor still checks the network when torch, which ``dist`` imports, is broken.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.bind((host, 0))
+            server.listen(1)
+            server.settimeout(timeout_s)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+                client.settimeout(timeout_s)
+                client.connect(server.getsockname()[:2])
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(timeout_s)
+                    client.sendall(b"?")
+                    if conn.recv(1) != b"?":
+                        return f"a TCP connection on {host} lost the byte sent through it"
+                    conn.sendall(b"!")
+                    if client.recv(1) != b"!":
+                        return f"a TCP connection on {host} lost the byte sent through it"
+    except OSError as exc:
+        what = exc.strerror or str(exc) or type(exc).__name__
+        return f"cannot open a TCP connection to {host} on this machine ({what})"
+    return None
+
+
+def loopback_reason(host: str = "127.0.0.1") -> str | None:
+    """Why TCP on loopback fails (None when it works): ``dist.loopback_ok`` if available."""
+    check: Callable[[str], str | None] = _loopback_tcp
+    if _torch() is not None:
+        try:
+            from dptrain import dist
+
+            check = getattr(dist, "loopback_ok", _loopback_tcp)
+        except Exception:  # dist unimportable: the local copy of the check still works
+            pass
+    return check(host)
+
+
 def check_loopback_port(host: str = "127.0.0.1") -> Check:
-    """Whether a free TCP port can be bound on loopback (local DDP rendezvous needs one)."""
+    """Whether TCP works on loopback: a port binds, a client connects, bytes go through.
+
+    Every local multi-process run rendezvouses and (gloo) communicates through it, so a down
+    ``lo`` interface means training cannot run here.
+    """
+    why = loopback_reason(host)
+    if why is not None:
+        return Check(
+            "loopback_port",
+            "fail",
+            why,
+            "local training rendezvouses over loopback TCP: bring the interface up "
+            "(`ip link set lo up`) or check that no sandbox forbids binding and connecting",
+            {"host": host, "ok": False, "reason": why},
+        )
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    except OSError as exc:
+    except OSError as exc:  # worked a moment ago; report it all the same
         return Check(
             "loopback_port",
             "fail",
             f"cannot bind a TCP port on {host}: {exc}",
             "local multi-process training needs loopback TCP: check that the 'lo' "
             "interface is up and no sandbox forbids binding",
-            {"host": host},
+            {"host": host, "ok": False, "reason": str(exc)},
         )
     return Check(
         "loopback_port",
         "ok",
-        f"can bind a free TCP port on {host} (got {port})",
-        facts={"host": host, "port": port},
+        f"TCP works on {host}: a free port binds (got {port}), connects and carries data",
+        facts={"host": host, "port": port, "ok": True},
     )
 
 
@@ -557,6 +679,8 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_cuda,
     check_backends,
     check_cpu,
+    check_isa,
+    check_matmul_peak,
     check_loopback_port,
     check_default_port,
     check_network,

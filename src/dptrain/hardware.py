@@ -52,7 +52,6 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 DEFAULT_SIZE = 2048
 DEFAULT_SECONDS = 0.5
 _PROBE = 256
-_MIN_SIZE = 128
 _MIN_REPEATS = 3
 _MAX_REPEATS = 25
 CACHE_NAME = "matmul_peak.json"
@@ -173,16 +172,29 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> floa
     return time.perf_counter() - t0
 
 
+def _best_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, tries: int = 3) -> float:
+    """The best rate of a few products: a sleeping thread pool or a page fault can make one
+    small product 50x slower, and sizing must not follow such an outlier."""
+    n = a.shape[0]
+    best = _time_matmul(a, b, device)
+    for _ in range(tries - 1):
+        if best > 0.05:  # slow for sure: more tries would only cost time
+            break
+        best = min(best, _time_matmul(a, b, device))
+    return 2 * n**3 / max(best, 1e-9)
+
+
 def measure_matmul(dtype: torch.dtype | str = torch.float32, *, size: int = DEFAULT_SIZE,
                    seconds: float = DEFAULT_SECONDS,
                    device: torch.device | str = "cpu") -> dict[str, Any]:
     """Measure square-matmul FLOP/s (``2 n^3`` per product), uncached.
 
-    A 256x256 probe first estimates the rate; the size is then the largest of ``size``,
-    ``size/2``, ... (at least 128) whose product fits ``seconds / 4``, so that a slow path
-    (bf16 without native support runs ~300x slower than fp32) still ends in about ``seconds``.
-    After one warm-up product, products are timed one by one (device-synchronised) until
-    ``seconds`` are spent (3 to 25 of them); the figure is the median rate.
+    Starting from 256x256, the side doubles (up to ``size``) while the next product, at the
+    rate just measured, fits ``seconds / 4``: a slow path (bf16 without native support runs
+    ~300x slower than fp32) still ends in about ``seconds``, and a fast one reaches sizes big
+    enough to show the peak. At the chosen size, after a warm-up product, products are timed
+    one by one (device-synchronised) until ``seconds`` are spent (3 to 25 of them); the figure
+    is the median rate.
 
     Returns:
         ``{"flops": median FLOP/s, "size": n, "repeats": k, "spread": [min, max] FLOP/s,
@@ -204,13 +216,13 @@ def measure_matmul(dtype: torch.dtype | str = torch.float32, *, size: int = DEFA
         n = min(size, _PROBE)
         a, b = pair(n)
         torch.mm(a, b)  # first call: library initialisation, kernel selection
-        rate = 2 * n**3 / max(_time_matmul(a, b, dev), 1e-9)
-        n = size
-        while n > _MIN_SIZE and 2 * n**3 / rate > seconds / 4:
-            n //= 2
-        n = max(min(n, size), 1)
-        a, b = pair(n)
-        _time_matmul(a, b, dev)  # warm-up at the chosen size
+        rate = _best_rate(a, b, dev)
+        # grow while the next size's product fits the budget (small sizes can take slow
+        # paths, so each size's own rate decides, not an extrapolation from the probe)
+        while 2 * n <= size and 2 * (2 * n) ** 3 / rate <= seconds / 4:
+            n *= 2
+            a, b = pair(n)
+            rate = _best_rate(a, b, dev)  # also the warm-up at n
         rates: list[float] = []
         deadline = time.perf_counter() + seconds
         while len(rates) < _MAX_REPEATS and (len(rates) < _MIN_REPEATS
