@@ -15,7 +15,10 @@ from dptrain.errors import UsageError
 
 
 def state(v: float) -> dict:
-    return {"model": {"w": torch.full((3,), v)}, "position": {"step": int(v)}}
+    """A complete checkpoint state (what exact resume needs), its weights all ``v``."""
+    return {"model": {"w": torch.full((3,), v)}, "optimizer": {"state": {}, "param_groups": []},
+            "position": {"step": int(v), "epoch": 0, "step_in_epoch": int(v)},
+            "rng": {"cpu": [torch.get_rng_state()]}, "world_size": 1}
 
 
 def test_save_rotates_and_last_points_to_newest(tmp_path: Path):

@@ -14,12 +14,19 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dptrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from dptrain.config import TrainConfig
+    from dptrain.precision import Precision
+    from dptrain.strategies import Strategy
 
 FORMAT = "dptrain-checkpoint-1"
 _WRITE_FIXES = {
@@ -110,7 +117,140 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UsageError(f"checkpoint {path} is not a dptrain checkpoint (no '{FORMAT}' format "
                          "marker); pass a file written by dptrain train")
+    problem = incomplete(state)
+    if problem:
+        raise UsageError(f"checkpoint {path} is incomplete or inconsistent ({problem}); resume "
+                         "from an earlier checkpoint or start a fresh run")
     return state
+
+
+REQUIRED = ("model", "optimizer", "position", "rng", "world_size")
+
+
+def incomplete(state: dict[str, Any]) -> str | None:
+    """What makes a loaded checkpoint unusable for exact resume (None: nothing)."""
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)}"
+    model = state["model"]
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return "'model' is not a state dict of named tensors"
+    for name, t in model.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"parameter {name!r} holds NaN/inf values"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+            and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in opt["param_groups"])):
+        return "'optimizer' is not an optimizer state dict (state, param_groups)"
+    pos = state["position"]
+    if not isinstance(pos, dict) or sorted(pos) != ["epoch", "step", "step_in_epoch"] or not all(
+            type(v) is int and v >= 0 for v in pos.values()):
+        return "'position' must be non-negative integers step, epoch, step_in_epoch"
+    world = state["world_size"]
+    rng = state["rng"]
+    if type(world) is not int or world < 1:
+        return "'world_size' is not a positive integer"
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), list)
+            and len(rng["cpu"]) == world
+            and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cpu"])):
+        return f"'rng' must hold {world} CPU generator states (one per rank)"
+    return None
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the next step's place in its epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+
+# ------------------------------------------------------------------ resume
+def find_resume(ckpt: Checkpointer, resume: str, *, info: Callable[[str], None],
+                warn: Callable[[str], None]) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint ``--resume`` names, loaded once (on the main rank): ``auto`` = the newest
+    good one under ``--out`` (``None`` when there is none), else the path given."""
+    if resume == "auto":
+        found = ckpt.latest_good(warn=warn)
+        if found is None:
+            info("no checkpoint to resume from: starting from scratch")
+            return None
+        return str(found[0]), found[1]
+    return resume, load(Path(resume))
+
+
+COMPATIBLE = ("model", "dataset", "batch_size", "accum", "seed", "loss", "task")
+
+
+def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int
+                     ) -> None:
+    """Resuming under other settings would silently be a different run: refuse."""
+    saved = state.get("config", {})
+    for key in (*COMPATIBLE, "optimizer"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UsageError(f"checkpoint {path} was written with {key}={saved[key]!r}, this run "
+                             f"has {key}={getattr(cfg, key)!r}; resume with the same settings")
+    if state["world_size"] != world_size:
+        raise UsageError(f"checkpoint {path} was written by {state['world_size']} processes, "
+                         f"this run has {world_size}; resume with the same number of processes")
+
+
+def check_position(state: dict[str, Any], path: str, total_steps: int,
+                   steps_per_epoch: int) -> Position:
+    """The saved position, checked against the run being resumed (its data and length)."""
+    pos = Position(**state["position"])
+    if pos.step > total_steps:
+        raise UsageError(f"checkpoint {path} is at step {pos.step}, beyond this run's "
+                         f"{total_steps} steps; raise --epochs/--max-steps or start a fresh run")
+    if pos.step_in_epoch > steps_per_epoch or (
+            pos.epoch * steps_per_epoch + pos.step_in_epoch != pos.step):
+        raise UsageError(
+            f"checkpoint {path} is at step {pos.step_in_epoch} of epoch {pos.epoch} (step "
+            f"{pos.step}), which does not fit this run's {steps_per_epoch} steps per epoch: the "
+            "dataset or batch changed since it was written; resume with the same data, or start "
+            "a fresh run")
+    return pos
+
+
+def capture(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            precision: Precision, pos: Position, cfg: TrainConfig) -> dict[str, Any]:
+    """Everything exact resume needs (a collective: call on every rank)."""
+    state = strategy.state_dict(model, optimizer, precision)
+    state["rng"]["data_seed"] = cfg.seed
+    return {**state, "position": pos.to_dict(), "config": cfg.to_dict(),
+            "torch_version": str(torch.__version__)}
+
+
+def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, precision: Precision, cfg: TrainConfig) -> None:
+    """Load ``state`` into the wrapped model, optimizer, precision and RNGs."""
+    own = strategy.plain(model).state_dict()
+    for name, t in state["model"].items():
+        if name in own and t.dtype != own[name].dtype:
+            raise UsageError(
+                f"checkpoint {path}: {name!r} is stored as {str(t.dtype).removeprefix('torch.')}"
+                f", the model's is {str(own[name].dtype).removeprefix('torch.')}; refusing to "
+                "cast it: resume from a checkpoint dptrain wrote for this model")
+    try:
+        strategy.load_state_dict(state, model, optimizer, precision)
+    except UsageError as exc:
+        fix = ("resume with the model it was written for" if "model" in str(exc) else
+               "resume with the settings it was written with")
+        raise UsageError(f"checkpoint {path} does not fit --model {cfg.model}: {exc}; {fix}"
+                         ) from None
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    values = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return not values or bool(torch.stack([torch.isfinite(t).all() for t in values]).all())
+
 
 
 class Checkpointer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 import time
@@ -18,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from dptrain import __version__
-from dptrain.config import FIELDS, TrainConfig, coerce, field_type, flag, load_toml, to_toml
+from dptrain.config import (
+    FIELDS,
+    TrainConfig,
+    coerce,
+    default_data_root,
+    field_type,
+    flag,
+    load_toml,
+    to_toml,
+)
 from dptrain.errors import UsageError
 
 
@@ -33,15 +41,16 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
 
 
-def add_config_flags(parser: argparse.ArgumentParser,
-                     only: tuple[str, ...] | None = None) -> None:
-    """One flag per :class:`TrainConfig` field; defaults shown; values left unset unless given."""
+def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                     defaults: dict[str, Any] | None = None) -> None:
+    """One flag per :class:`TrainConfig` field; defaults shown; values left unset unless given.
+    ``defaults``: what the command uses instead of the field's default (shown as such)."""
     for f in fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
         kind = field_type(f.name)
-        default = f.default if f.name != "data_root" else "$DPTRAIN_DATA or ./data"
-        shown = default if default != "" else "none"
+        default = (defaults or {}).get(f.name, f.default)
+        shown = f.metadata.get("shown", default if default != "" else "none")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata['help']} (default: {shown})"}
         if kind is bool:
@@ -81,58 +90,43 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = 
 
 
 # ---------------------------------------------------------------------------- train
-def resolve_nproc(cfg: TrainConfig) -> int:
-    import torch
-
-    if cfg.nproc != "auto":
-        return int(cfg.nproc)
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def worker_entry(cfg_dict: dict[str, Any], started_at: float, count_comm: bool = False
-                 ) -> dict[str, Any]:
-    """What each launched worker runs (module-level, so that spawn can import it)."""
+def worker_entry(plan: Any, started_at: float, count_comm: bool = False) -> dict[str, Any]:
+    """What each launched worker runs (module-level, so that spawn can import it); ``plan``
+    is the validated :class:`~dptrain.plan.Plan` itself."""
     from dptrain import run
 
-    return run.train(TrainConfig.from_dict(cfg_dict), started_at=started_at,
-                     count_comm=count_comm)
+    return run.train(plan, started_at=started_at, count_comm=count_comm)
 
 
 def run_training(cfg: TrainConfig, *, legacy_local_rank: int | None = None,
                  started_at: float | None = None, count_comm: bool = False
                  ) -> dict[str, Any] | None:
-    """Train as the user asked: in this process, as a worker of an external launcher, or by
+    """Train as the plan says: in this process, as a worker of an external launcher, or by
     launching local workers. Returns rank 0's summary (None on other ranks)."""
     from dptrain import dist, launch, run
+    from dptrain.plan import make_plan, prepare_data
+    from dptrain.rundir import check_out_dir, default_out
 
     started_at = time.time() if started_at is None else started_at
     env = dist.detect(legacy_local_rank=legacy_local_rank)
-    if env.distributed:  # started by torchrun / srun / torch.distributed.launch
-        summary = run.train(cfg, env, started_at=started_at, count_comm=count_comm)
+    plan = make_plan(cfg, env)
+    if plan.launch == "external":  # started by torchrun / srun / torch.distributed.launch
+        summary = run.train(plan, env, started_at=started_at, count_comm=count_comm)
         return summary if env.rank == 0 else None
-    nproc = resolve_nproc(cfg)
-    if cfg.strategy == "dp" and nproc > 1:
-        raise UsageError("--strategy dp is one process driving all GPUs: drop --nproc (or use "
-                         "--strategy ddp for one process per device)")
-    if cfg.strategy == "single" and (nproc > 1 or cfg.nnodes > 1):
-        raise UsageError("--strategy single runs one process: drop --nproc/--nnodes or use "
-                         "--strategy ddp")
-    _preflight(cfg)
-    if nproc == 1 and cfg.nnodes == 1:
-        return run.train(cfg, env, started_at=started_at, count_comm=count_comm)
-    cfg = cfg.replace(out=cfg.out or run.default_out())
+    prepare_data(plan)
+    if plan.launch == "inprocess":
+        return run.train(plan, env, started_at=started_at, count_comm=count_comm)
+    plan = plan.with_out(cfg.out or default_out())
     if cfg.node_rank == 0:
-        run.check_out_dir(Path(cfg.out), resuming=bool(cfg.resume))
+        check_out_dir(Path(plan.cfg.out), cfg.resume)
     try:
         results = launch.launch(
-            worker_entry, (cfg.to_dict(), started_at, count_comm), nproc=nproc,
-            nnodes=cfg.nnodes, node_rank=cfg.node_rank,
+            worker_entry, (plan, started_at, count_comm), nproc=plan.nproc,
+            nnodes=plan.nnodes, node_rank=cfg.node_rank,
             master_addr=cfg.master_addr, master_port=cfg.master_port,
             max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s))
     except launch.Interrupted as exc:
-        exc.out = cfg.out
+        exc.out = plan.cfg.out
         raise
     return results.get(0)
 
@@ -148,36 +142,14 @@ def interrupted_message(exc: Exception) -> str:
             f"`dptrain train --resume auto --out {out}` and the same flags")
 
 
-def _preflight(cfg: TrainConfig) -> None:
-    """Checks worth doing once, before any worker starts: devices, backend, data."""
-    import torch
-
-    from dptrain.data.datasets import RAW_DIRS
-
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UsageError("--device cuda requested but no CUDA GPU is visible; use --device cpu "
-                         "(or auto)")
-    on_gpu = cuda and cfg.device != "cpu"
-    if cfg.strategy == "dp" and not on_gpu:
-        raise UsageError("--strategy dp needs CUDA GPUs (nn.DataParallel is GPU-only); on CPU "
-                         "use --strategy ddp --nproc N")
-    if cfg.backend == "nccl" and not on_gpu:
-        raise UsageError("--backend nccl needs CUDA GPUs; use --backend gloo (or auto) on CPU")
-    if cfg.precision == "16" and not on_gpu:
-        raise UsageError("--precision 16 (fp16 with GradScaler) needs CUDA; on CPU use "
-                         "--precision bf16 or 32")
-    if cfg.dataset in RAW_DIRS:  # fetch once here, not in every worker
-        from dptrain.data.fetch import ensure_dataset
-
-        ensure_dataset(cfg.dataset, Path(cfg.data_root), log=print)
-
-
 def print_summary(summary: dict[str, Any]) -> None:
+    from dptrain.metrics import format_metrics
+
     sps = summary.get("train_samples_per_s")
-    print(f"test accuracy {summary['test_accuracy']:.4f} ({summary['test_samples']} samples) | "
-          f"{sps:,.0f} samples/s" if sps else "n/a samples/s", end="")
-    print(f" | {summary['steps']} steps | {summary['strategy']} x {summary['world_size']} "
+    metrics = summary.get("test_metrics") or {}
+    print(f"test {format_metrics(metrics) or 'n/a'} ({summary['test_samples']} samples) | "
+          + (f"{sps:,.0f} samples/s" if sps else "n/a samples/s")
+          + f" | {summary['steps']} steps | {summary['strategy']} x {summary['world_size']} "
           f"on {summary['device']} | wall {summary['wall_time_s']:.1f} s | {summary['out']}")
 
 
@@ -203,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from dptrain.data.fetch import fetch
 
-    root = Path(args.root or os.environ.get("DPTRAIN_DATA", "./data"))
+    root = Path(args.root or default_data_root())
     path = fetch(args.name, root, log=print)
     print(f"{args.name}: ready in {path}")
     return 0
@@ -278,6 +250,14 @@ def split_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # Ctrl-C anywhere, even while the parser is being built: one line, exit 130
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         argv, local_rank = split_local_rank(list(sys.argv[1:] if argv is None else argv))
@@ -295,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a worker's crash: show ranks and tracebacks, no second trace
         from dptrain.launch import Interrupted, WorkerFailure
 

@@ -31,7 +31,19 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **extr
 
 
 def default_data_root() -> str:
-    return os.environ.get("DPTRAIN_DATA", "./data")
+    """The one definition of the default data root: ``$DPTRAIN_DATA`` if set and non-empty."""
+    return os.environ.get("DPTRAIN_DATA") or "./data"
+
+
+LOSSES = ("cross_entropy", "nll", "bce", "mse", "l1", "huber")
+TASKS = ("auto", "classification", "multilabel", "regression")
+MAX_SEED = 2**32 - 1  # the data order's generator seed is seed * 1_000_003 + epoch (int64)
+BOUNDS = {  # name: (lowest, highest) for the integer settings that have a sensible ceiling
+    "seed": (0, MAX_SEED), "threads": (0, 1024), "log_every": (1, 1_000_000),
+    "nnodes": (1, 4096), "node_rank": (0, 4095), "max_restarts": (0, 1000),
+    "accum": (1, 65536), "batch_size": (1, 1 << 24), "eval_batch_size": (1, 1 << 24),
+    "keep_ckpts": (1, 10_000), "epochs": (1, 1_000_000), "profile": (0, 10_000),
+}
 
 
 @dataclass(kw_only=True)
@@ -40,9 +52,13 @@ class TrainConfig:
 
     # --- what to train
     dataset: str = _opt("mnist", "dataset name, or package.module:factory", plugin_ok=True)
-    data_root: str = _opt("", "dataset root (default: $DPTRAIN_DATA, else ./data)")
+    data_root: str = _opt("", "dataset root", shown="$DPTRAIN_DATA, else ./data")
     model: str = _opt("linear", "model name, or package.module:factory", plugin_ok=True)
     recipe: str = _opt("", "named preset (mnist-fast); explicit flags override it")
+    loss: str = _opt("cross_entropy", f"training loss: {', '.join(LOSSES)}, or "
+                     "package.module:fn (fn(outputs, targets) -> scalar)", plugin_ok=True)
+    task: str = _opt("auto", "metrics to report; auto = from the loss (a custom loss: from the "
+                     "target dtype)", TASKS)
     # --- how to parallelise
     strategy: str = _opt("auto", "auto = ddp when several processes, else single",
                          ("auto", "single", "dp", "ddp"))
@@ -91,7 +107,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "seed: same seed, same result")
     # --- outputs
-    out: str = _opt("", "run directory (default runs/<timestamp>)")
+    out: str = _opt("", "run directory", shown="runs/<timestamp>")
     ckpt_every: int = _opt(0, "checkpoint every N optimizer steps (0 = only at the end)")
     keep_ckpts: int = _opt(3, "numbered checkpoints to keep")
     resume: str = _opt("", "auto (newest good checkpoint in --out) or a checkpoint path")
@@ -99,6 +115,7 @@ class TrainConfig:
     quiet: bool = _opt(False, "print only the final result")
     tensorboard: bool = _opt(False, "write TensorBoard event files (needs tensorboard)")
     eval_every_epoch: bool = _opt(True, "evaluate at the end of every epoch")
+    profile: int = _opt(0, "profile N optimizer steps with torch.profiler (0 = off)")
 
     def __post_init__(self) -> None:
         if not self.data_root:
@@ -118,6 +135,9 @@ class TrainConfig:
         if ":" not in self.model and self.model not in MODELS:
             raise UsageError(f"unknown --model {self.model!r}: use one of {', '.join(MODELS)} "
                              "or package.module:factory")
+        if ":" not in self.loss and self.loss not in LOSSES:
+            raise UsageError(f"unknown --loss {self.loss!r}: use one of {', '.join(LOSSES)} or "
+                             "package.module:fn")
         if ":" not in self.dataset and self.dataset not in DATASETS:
             raise UsageError(f"unknown --dataset {self.dataset!r}: use one of "
                              f"{', '.join(DATASETS)} or package.module:factory")
@@ -131,6 +151,13 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise UsageError(f"--{flag(name)} {value} is out of range: use {lo} to {hi}")
+        if not self.timeout_s <= 7 * 86400:
+            raise UsageError(f"--timeout-s {self.timeout_s:g} is more than a week; use at most "
+                             "604800")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not self.timeout_s > 0:
@@ -221,6 +248,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read config file {p}: {exc}") from None
     if "train" in data and isinstance(data["train"], dict):
+        others = sorted(k for k in data if k != "train")
+        if others:
+            raise UsageError(f"config file {p} has both a [train] table and top-level keys "
+                             f"({', '.join(others)}); put every setting in one of the two")
         data = data["train"]  # allow a [train] table as well as top-level keys
     return coerce(data, source=str(p))
 

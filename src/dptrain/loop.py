@@ -11,52 +11,58 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dptrain.checkpoint import Position
 from dptrain.config import TrainConfig
-from dptrain.data.loader import Normalizer, ShardedLoader, eval_batches, eval_shard
+from dptrain.data.loader import Batch, ShardedLoader
 from dptrain.errors import UsageError
 from dptrain.metrics import Reporter
-from dptrain.optim import direct_step, lr_at, set_lr
+from dptrain.objective import Objective
+from dptrain.optim import set_lr
+from dptrain.precision import Precision
 from dptrain.strategies import Strategy
 
-
-@dataclass
-class Position:
-    """Where training stands: optimizer steps done, and the next step's place in its epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
+__all__ = ["LoopResult", "Position", "StopRequest", "Stopwatch", "TrainStep", "Trainer"]
 
 
 @dataclass
 class LoopResult:
-    position: Position
     last_loss: float = math.nan
     timed_steps: int = 0
     timed_samples: int = 0
     train_time_s: float = 0.0
     stopped_by_signal: bool = False
-    losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.precision == "16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One optimizer step, exactly as training runs it (the bench harness times this too):
+    set the step's learning rate, the strategy's forward/backward over the micro-batches,
+    the strategy's optimizer step. Returns the micro-batches' losses (device tensors)."""
+
+    def __init__(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 objective: Objective, precision: Precision,
+                 lr_at: Callable[[int], float] | None = None) -> None:
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.objective, self.precision = objective, precision
+        self.lr_at = lr_at
+
+    def __call__(self, micro: list[Batch], step: int) -> list[torch.Tensor]:
+        if self.lr_at is not None:
+            set_lr(self.optimizer, self.lr_at(step))
+        losses = self.strategy.forward_backward(self.model, micro, self.objective,
+                                                self.precision)
+        self.strategy.optimizer_step(self.optimizer, self.precision)
+        return losses
 
 
 class StopRequest:
@@ -78,31 +84,6 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def evaluate(model: nn.Module, x: torch.Tensor | torch.utils.data.Dataset,
-             y: torch.Tensor | None, strategy: Strategy, normalize: Normalizer,
-             batch_size: int, precision_ctx: contextlib.AbstractContextManager
-             ) -> tuple[float, float, int]:
-    """Accuracy, mean loss and sample count over the whole split, each sample counted once.
-
-    Each rank takes a contiguous shard (sizes differ by at most one, no padding, no
-    duplicates); correct counts and loss sums are summed over ranks in one all-reduce.
-    """
-    start, end = eval_shard(len(x), strategy.rank, strategy.world_size)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=strategy.device)
-    with torch.no_grad(), precision_ctx:
-        for xb, target in eval_batches(x, y, start, end, batch_size, strategy.device):
-            logits = model(normalize(xb)).float()
-            totals[0] += (logits.argmax(1) == target).sum()
-            totals[1] += F.cross_entropy(logits, target, reduction="sum").double()
-            totals[2] += len(target)
-    model.train(was_training)
-    strategy.all_reduce_sum(totals)
-    correct, loss_sum, count = totals.tolist()
-    return correct / count, loss_sum / count, int(count)
 
 
 class Stopwatch:
@@ -150,17 +131,18 @@ class Stopwatch:
 
 
 class Trainer:
-    """Owns one run's model, optimizer and loader; ``run`` trains from a :class:`Position`."""
+    """Runs :class:`TrainStep` over the loader from a :class:`Position`: sync points, logs,
+    checkpoints and epoch ends at their intervals, stop requests."""
 
     def __init__(self, cfg: TrainConfig, strategy: Strategy, reporter: Reporter,
-                 model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader,
-                 scaler: torch.amp.GradScaler, peak_lr: float, total_steps: int,
+                 step: TrainStep, loader: ShardedLoader, total_steps: int,
                  on_checkpoint: Callable[[Position], None],
-                 on_epoch_end: Callable[[Position], None], stop: StopRequest) -> None:
+                 on_epoch_end: Callable[[Position], None], stop: StopRequest,
+                 on_step: Callable[[int], None] | None = None) -> None:
         self.cfg, self.strategy, self.reporter = cfg, strategy, reporter
-        self.model, self.optimizer, self.loader, self.scaler = model, optimizer, loader, scaler
-        self.peak_lr, self.total_steps = peak_lr, total_steps
+        self.step, self.loader, self.total_steps = step, loader, total_steps
         self.on_checkpoint, self.on_epoch_end = on_checkpoint, on_epoch_end
+        self.on_step = on_step or (lambda step: None)
         self.stop = stop
         self.device = strategy.device
         # each micro-batch's loss since the last sync point, one slot per micro-batch (a single
@@ -169,41 +151,16 @@ class Trainer:
         self.losses = torch.zeros(cfg.log_every * cfg.accum, device=self.device)
         self.n_losses = 0
         self.window_start = 0  # optimizer step of self.losses[0]
-        self.scaler_enabled = scaler.is_enabled()
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.optimizer_step = direct_step(optimizer)
-        self.precision_ctx = (autocast(cfg, self.device) if cfg.precision != "32"
-                              else contextlib.nullcontext())
 
     def lr(self, step: int) -> float:
-        return lr_at(self.cfg, self.peak_lr, step, self.loader.steps_per_epoch, self.total_steps)
+        return self.step.lr_at(step) if self.step.lr_at is not None else math.nan
 
-    def step(self, micro: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
-        """One optimizer step over ``accum`` micro-batches; gradients synchronised once."""
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        set_lr(opt, self.lr(step))
-        last = len(micro) - 1
-        for k, (xb, yb) in enumerate(micro):
-            ctx = contextlib.nullcontext() if k == last else self.strategy.no_sync(model)
-            with ctx:
-                with self.precision_ctx:
-                    loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
-                # mean over the K micro-batches == mean over one K-times larger batch
-                scaled = loss if len(micro) == 1 else loss / len(micro)
-                if self.scaler_enabled:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+    def record(self, losses: list[torch.Tensor]) -> None:
+        for loss in losses:
             if self.n_losses == len(self.losses):  # a longer window than planned: grow it
                 self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
-            self.losses[self.n_losses].copy_(loss.detach())
+            self.losses[self.n_losses].copy_(loss)
             self.n_losses += 1
-        if self.scaler_enabled:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            self.optimizer_step()
-        for p in self.params:  # zero_grad(set_to_none=True) without its per-call wrapper cost
-            p.grad = None
 
     def sync_point(self, stop: StopRequest, step: int) -> tuple[float, bool]:
         """One all-reduce of [loss sum, count, non-finite count, stop votes] for the window
@@ -231,43 +188,25 @@ class Trainer:
         cfg, loader = self.cfg, self.loader
         if loader.steps_per_epoch == 0:
             raise UsageError(
-                f"the global batch ({loader.step_global} = batch {cfg.batch_size} x "
+                f"the global batch ({loader.samples_per_step} = batch {cfg.batch_size} x "
                 f"{self.strategy.world_size} processes x accum {cfg.accum}) is larger than "
-                f"the training split ({len(loader.x)} samples); lower --batch-size")
-        result = LoopResult(position=pos)
+                f"the training split ({len(loader)} samples); lower --batch-size")
+        result = LoopResult()
         timer = Stopwatch(self.device)
-        last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
-        self.model.train()
+        self.last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
+        self.step.model.train()
         self.window_start, self.n_losses = pos.step, 0
-        stop = self.stop
         while pos.step < self.total_steps and not result.stopped_by_signal:
             for micro in loader.epoch(pos.epoch, pos.step_in_epoch):
-                self.step(micro, pos.step)
+                self.record(self.step(micro, pos.step))
                 pos.step += 1
                 pos.step_in_epoch += 1
-                timer.after_step(loader.step_global)
-                ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
-                if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps
-                        or ckpt_due or pos.step_in_epoch == loader.steps_per_epoch):
-                    loss, stop_now = self.sync_point(stop, pos.step)
-                    now = timer.now()
-                    dt, ds = now - last_log[0], timer.samples - last_log[1]
-                    last_log = (now, timer.samples)
-                    result.last_loss = loss
-                    result.losses.append((pos.step, loss))
-                    self.reporter.train_step(pos.step, self.total_steps, pos.epoch, loss,
-                                             self.lr(pos.step - 1),
-                                             ds / dt if dt > 0 and ds else math.nan)
-                    if ckpt_due or stop_now:
-                        with timer.paused():
-                            self.on_checkpoint(pos)
-                    if stop_now:
-                        result.stopped_by_signal = True
-                        break
-                if pos.step >= self.total_steps:
+                timer.after_step(loader.samples_per_step)
+                self.on_step(pos.step)
+                if self._boundary(pos, timer, result) or pos.step >= self.total_steps:
                     break
-            if pos.step_in_epoch == loader.steps_per_epoch and not result.stopped_by_signal:
-                with timer.paused():
+            if pos.step_in_epoch >= loader.steps_per_epoch and not result.stopped_by_signal:
+                with timer.paused():  # an epoch ends however the last loop exited
                     self.on_epoch_end(pos)
                 pos.epoch += 1
                 pos.step_in_epoch = 0
@@ -276,3 +215,23 @@ class Trainer:
         result.timed_steps = timer.steps
         result.timed_samples = timer.samples
         return result
+
+    def _boundary(self, pos: Position, timer: Stopwatch, result: LoopResult) -> bool:
+        """Sync point, log line and checkpoint where one is due; True when told to stop."""
+        cfg = self.cfg
+        ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
+        if not (pos.step % cfg.log_every == 0 or pos.step == self.total_steps or ckpt_due
+                or pos.step_in_epoch == self.loader.steps_per_epoch):
+            return False
+        loss, stop_now = self.sync_point(self.stop, pos.step)
+        now = timer.now()
+        dt, ds = now - self.last_log[0], timer.samples - self.last_log[1]
+        self.last_log = (now, timer.samples)
+        result.last_loss = loss
+        self.reporter.train_step(pos.step, self.total_steps, pos.epoch, loss,
+                                 self.lr(pos.step - 1), ds / dt if dt > 0 and ds else math.nan)
+        if ckpt_due or stop_now:
+            with timer.paused():
+                self.on_checkpoint(pos)
+        result.stopped_by_signal = stop_now
+        return stop_now

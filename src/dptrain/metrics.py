@@ -30,10 +30,68 @@ def setup_logging(rank: int, world_size: int, quiet: bool = False) -> None:
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+HEADLINE = ("accuracy", "top5_accuracy", "f1_micro", "f1_macro", "mse", "mae", "r2", "loss")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``accuracy 0.9812 loss 0.0613``: the scalar metrics in a fixed order."""
+    return " ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE
+                    if isinstance(metrics.get(k), int | float))
+
+
+def build_summary(run: Any, result: Any, pos: Any, last_eval: dict[str, Any],
+                  steps_per_epoch: int, samples_per_step: int, peak_lr: float,
+                  resumed_from: str | None) -> dict[str, Any]:
+    """``summary.json``: the contract's keys, the final metrics, what ran and how fast.
+
+    ``run`` is the :class:`~dptrain.run.Run` (its config, strategy, objective, start time)."""
+    import time
+
+    import torch
+
+    cfg, strategy, metrics = run.cfg, run.strategy, last_eval.get("metrics", {})
+    summary = {
+        "test_accuracy": metrics.get("accuracy"),
+        "test_loss": metrics.get("loss"),
+        "test_samples": metrics.get("samples"),
+        "test_metrics": metrics,
+        "train_samples_per_s": (result.timed_samples / result.train_time_s
+                                if result.train_time_s > 0 else None),
+        "train_time_s": result.train_time_s,
+        "timed_steps": result.timed_steps,
+        "wall_time_s": time.time() - run.started_at,
+        "steps": pos.step,
+        "epochs": round(pos.step / steps_per_epoch, 4),
+        "world_size": strategy.world_size,
+        "global_batch": samples_per_step,
+        "effective_lr": peak_lr,
+        "final_loss": result.last_loss,
+        "bn_statistics": strategy.bn_statistics() if run.has_bn else "none",
+        "model": cfg.model, "dataset": cfg.dataset, "loss": cfg.loss,
+        "task": run.objective.task, "precision": cfg.precision, "accum": cfg.accum,
+        "seed": cfg.seed, "resumed_from": resumed_from, "restarts": run.restart,
+        "stopped_by_signal": result.stopped_by_signal,
+        "torch_version": str(torch.__version__), "out": cfg.out,
+        **strategy.describe(),
+    }
+    if strategy.comm is not None:
+        summary["allreduce_calls"] = strategy.comm.calls
+        summary["allreduce_bytes"] = strategy.comm.bytes
+    return summary
 
 
 class Progress:
@@ -69,21 +127,30 @@ class Progress:
 
 
 class Reporter:
-    """Writes the run's outputs. Inactive (all methods no-ops) except on the main process."""
+    """Writes the run's outputs. Inactive (all methods no-ops) except on the main process.
+
+    Nothing is written before :meth:`start`, which the run calls once every check has passed
+    (so a refused resume leaves the run directory exactly as it was)."""
 
     def __init__(self, out: Path | None, *, active: bool, quiet: bool = False,
                  tensorboard: bool = False) -> None:
         self.active = active and out is not None
         self.out = out
         self.quiet = quiet
+        self.tensorboard = tensorboard
         self._metrics = None
         self._tb = None
         self._progress: Progress | None = None
-        if self.active:
-            out.mkdir(parents=True, exist_ok=True)
-            if tensorboard:  # first: a missing package must not leave a half-started run
-                self._tb = _tensorboard_writer(out / "tb")
-            self._metrics = (out / "metrics.jsonl").open("a", buffering=1)
+
+    def start(self, config_toml: str) -> None:
+        """Write ``config.toml`` and open ``metrics.jsonl`` (and TensorBoard's event file)."""
+        if not self.active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:  # first: a missing package must not leave a half-started run
+            self._tb = _tensorboard_writer(self.out / "tb")
+        write_text_atomic(self.out / "config.toml", config_toml)
+        self._metrics = (self.out / "metrics.jsonl").open("a", buffering=1)
 
     def start_progress(self, total: int, initial: int) -> None:
         if self.active and not self.quiet:
@@ -97,8 +164,8 @@ class Reporter:
         if self.active:
             log.warning("warning: %s", message)
 
-    def metrics(self, step: int, epoch: int, **values: float) -> None:
-        if not self.active:
+    def metrics(self, step: int, epoch: int, **values: Any) -> None:
+        if not self.active or self._metrics is None:
             return
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **values}
         self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
@@ -118,13 +185,13 @@ class Reporter:
         log.info("epoch %d step %d/%d loss %.4f lr %.3g %.0f samples/s", epoch, step, total,
                  loss, lr, samples_per_s)
 
-    def evaluation(self, step: int, epoch: int, accuracy: float, loss: float,
-                   samples: int) -> None:
+    def evaluation(self, step: int, epoch: int, metrics: dict[str, Any],
+                   split: str = "test") -> None:
         if not self.active:
             return
-        self.metrics(step, epoch, test_accuracy=accuracy, test_loss=loss, test_samples=samples)
-        log.info("epoch %d step %d test accuracy %.4f loss %.4f (%d samples)", epoch, step,
-                 accuracy, loss, samples)
+        self.metrics(step, epoch, **{f"{split}_{k}": v for k, v in metrics.items()})
+        log.info("epoch %d step %d %s %s (%d samples)", epoch, step, split,
+                 format_metrics(metrics), metrics["samples"])
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.active:

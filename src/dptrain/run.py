@@ -1,331 +1,304 @@
-"""One process's part of a training run: parse -> build -> (resume) -> train -> evaluate -> close.
+"""One process's part of a training run, as a short sequence of named steps.
 
 :func:`train` is what every worker runs, however it was started (in-process, the elastic
-launcher, torchrun, srun, the legacy launcher). It returns the run summary.
+launcher, torchrun, srun, the legacy launcher): join the group, claim the run directory, then
+:meth:`Run.execute` -- data -> model -> loader -> checkpoint found and checked -> outputs
+started -> wrap -> optimizer -> restore -> train -> final evaluation and checkpoint -> summary.
+Nothing here asks which strategy runs: the strategy object answers.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from datetime import datetime
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dptrain import checkpoint as ck
 from dptrain import dist, strategies
-from dptrain.checkpoint import Checkpointer, load
 from dptrain.config import TrainConfig, to_toml
-from dptrain.data.datasets import load_splits
+from dptrain.data import batch as B
+from dptrain.data.datasets import Splits, load_splits
 from dptrain.data.loader import DatasetLoader, Normalizer, ShardedLoader
 from dptrain.errors import UsageError
-from dptrain.loop import LoopResult, Position, StopRequest, Trainer, autocast, evaluate
-from dptrain.metrics import Reporter, setup_logging
+from dptrain.evaluation import evaluate
+from dptrain.loop import LoopResult, Position, StopRequest, Trainer, TrainStep
+from dptrain.metrics import Reporter, build_summary, setup_logging
 from dptrain.models import build_model, has_batchnorm
-from dptrain.optim import build_optimizer, scaled_lr
+from dptrain.objective import Objective
+from dptrain.optim import lr_at, scaled_lr
+from dptrain.plan import Plan
+from dptrain.precision import Precision
+from dptrain.rundir import OutDirLock, check_out_dir, default_out
 
-RUN_MARKERS = ("summary.json", "checkpoints", "metrics.jsonl")
-
-
-def default_out() -> str:
-    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-
-
-def default_threads(local_world_size: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, local_world_size))
+__all__ = ["Run", "default_out", "train"]
 
 
-def check_out_dir(out: Path, resuming: bool) -> None:
-    """A new run never writes into another run's directory (it would mix their outputs)."""
-    if resuming or not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
-    # an empty metrics.jsonl is what a run that failed before its first step leaves behind
-    found = [m for m in RUN_MARKERS if (out / m).exists()
-             and not (m == "metrics.jsonl" and (out / m).stat().st_size == 0)]
-    if found:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass "
-                         "--resume auto to continue it, or choose another --out")
-
-
-class OutDirLock:
-    """An exclusive lock on ``OUT/.dptrain.lock`` held by rank 0 for the whole run.
-
-    Two runs pointed at the same directory would interleave metrics and checkpoints; the
-    second one is refused instead. The kernel drops the lock when the holder dies, so an
-    elastic restart or a later ``--resume auto`` can take it again.
-    """
-
-    def __init__(self, out: Path) -> None:
-        import fcntl
-
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.fh = (out / ".dptrain.lock").open("a+")
-        except OSError as exc:
-            raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}; choose a "
-                             "writable directory") from None
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip() or "?"
-            self.fh.close()
-            raise UsageError(f"--out {out} is in use by another running dptrain (pid {holder}); "
-                             "wait for it or choose another --out") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-
-    def release(self) -> None:
-        self.fh.close()
-
-
-def _local_env(cfg: TrainConfig, env: dist.DistEnv) -> dist.DistEnv:
-    """A one-process DDP run still needs a (private) rendezvous address."""
-    if env.distributed or strategies.resolve_strategy_name(cfg.strategy, env) != "ddp":
-        return env
-    return dist.DistEnv(master_port=cfg.master_port or dist.free_port(), source="local")
-
-
-def train(cfg: TrainConfig, env: dist.DistEnv | None = None, *, started_at: float | None = None,
+def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | None = None,
           count_comm: bool = False) -> dict[str, Any]:
     """Run (or resume) training in this process and return the summary (on every rank)."""
     started_at = time.time() if started_at is None else started_at
-    env = _local_env(cfg, dist.detect() if env is None else env)
-    setup_logging(env.rank, env.world_size, quiet=cfg.quiet)
-    torch.set_num_threads(cfg.threads or default_threads(env.local_world_size))
-    strategy = strategies.build(cfg, env, count_comm=count_comm)
+    env = plan.worker_env(dist.detect() if env is None else env)
+    setup_logging(env.rank, env.world_size, quiet=plan.cfg.quiet)
+    torch.set_num_threads(plan.threads)
+    strategy = strategies.build(plan, env, count_comm=count_comm)
     strategy.setup()
-    reporter = Reporter(None, active=False)
-    lock: OutDirLock | None = None
+    lock: list[OutDirLock] = []
+    opened: dict[str, dict[str, Any]] = {}  # --resume PATH, loaded once on the main rank
+    run: Run | None = None
     try:
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        resume = cfg.resume or ("auto" if restart > 0 else "")
-        out = Path(strategy.broadcast_object(cfg.out or default_out()))
-        verdict = None
-        if strategy.is_main:
-            try:
-                if resume not in ("", "auto"):
-                    load(Path(resume))  # a bad --resume PATH must not create --out first
-                check_out_dir(out, resuming=bool(resume))
-                lock = OutDirLock(out)
-            except UsageError as exc:
-                verdict = str(exc)
-        verdict = strategy.broadcast_object(verdict)
-        if verdict:
-            raise UsageError(verdict)
-        cfg = cfg.replace(out=str(out))
-        reporter = Reporter(out, active=strategy.is_main, quiet=cfg.quiet,
-                            tensorboard=cfg.tensorboard)
-        if strategy.is_main:
-            (out / "config.toml").write_text(to_toml(cfg))
+        restart = dist.restart_count()
+        resume = plan.cfg.resume or ("auto" if restart > 0 else "")
+        out = Path(strategy.broadcast_object(plan.cfg.out or default_out()))
+        strategy.main_only(lambda: _claim(out, resume, lock, opened))
+        run = Run(plan.cfg.replace(out=str(out)), strategy, started_at=started_at,
+                  restart=restart, resume=resume, opened=opened)
         with StopRequest() as stop:  # from here on, SIGTERM means "checkpoint, then stop"
-            return _train(cfg, strategy, reporter, resume, started_at, restart, stop)
+            return run.execute(stop)
     finally:
-        reporter.close()
-        if lock is not None:
-            lock.release()
+        if run is not None:
+            run.reporter.close()
+        for held in lock:
+            held.release()
         strategy.teardown()
 
 
-def _train(cfg: TrainConfig, strategy: strategies.Strategy, reporter: Reporter, resume: str,
-           started_at: float, restart: int, stop: StopRequest) -> dict[str, Any]:
-    device = strategy.device
-    splits = load_splits(cfg.dataset, cfg.data_root, log=reporter.info).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    normalize = Normalizer(splits.mean, splits.std, memory_format)
-
-    torch.manual_seed(cfg.seed)  # identical initial parameters for every world size
-    model = build_model(cfg.model)
-    bn = has_batchnorm(model)
-    model = model.to(device, memory_format=memory_format)
-
-    shard = {"batch_size": cfg.batch_size, "rank": strategy.rank,
-             "world": strategy.world_size, "accum": cfg.accum, "seed": cfg.seed,
-             "normalize": normalize}
-    if splits.is_dataset:
-        loader = DatasetLoader(splits.train_x, device=device, **shard)
-    else:
-        loader = ShardedLoader(splits.train_x, splits.train_y, augment=cfg.augment, **shard)
-    global_batch = loader.step_global
-    peak_lr = scaled_lr(cfg, global_batch)
-    total_steps = cfg.epochs * loader.steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    ckpt = Checkpointer(Path(cfg.out) / "checkpoints", is_main=strategy.is_main,
-                        keep=cfg.keep_ckpts)
-    pos, state, resumed_from = Position(), None, None
-    if resume:
-        path = None
-        if strategy.is_main:
-            path = _find_resume(ckpt, resume, reporter)
-        path = strategy.broadcast_object(path)
-        if path is not None:
-            state = load(Path(path), device)
-            _check_compatible(state, cfg, path, strategy.world_size)
-            resumed_from = path
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as exc:
-                lines = [ln.strip() for ln in str(exc).splitlines()]
-                why = next((ln for ln in lines if ln.startswith(("Missing key", "Unexpected key",
-                                                                  "size mismatch"))), lines[0])
-                raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} "
-                                 f"({why[:200]}); resume with the model it was written for"
-                                 ) from None
-            pos = Position(**state["position"])
-            reporter.info(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, "
-                          f"step {pos.step_in_epoch} of it)")
-
-    wrapped = strategy.wrap(model)
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
-    optimizer = build_optimizer(cfg, wrapped.parameters(), device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16")
-    # dropout randomness differs per rank; restored exactly from the checkpoint on resume
-    torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (strategy.rank + 1))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _restore_rng(state, strategy)
-
-    precision_ctx = autocast(cfg, device)
-    last_eval: dict[str, Any] = {}
-
-    def checkpoint_state(p: Position) -> dict[str, Any]:
-        rng_cpu = strategy.all_gather_object(torch.get_rng_state())
-        rng_cuda = strategy.all_gather_object(
-            torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0,
-                                                                                        dtype=torch.uint8))
-        return {
-            "model": strategy.unwrap(_uncompiled(wrapped)).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "position": {"step": p.step, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch},
-            "rng": {"cpu": rng_cpu, "cuda": rng_cuda, "data_seed": cfg.seed},
-            "world_size": strategy.world_size,
-            "config": cfg.to_dict(),
-            "torch_version": str(torch.__version__),
-        }
-
-    def save_checkpoint(p: Position) -> None:
-        plain = strategy.unwrap(_uncompiled(wrapped))
-        finite = torch.stack([torch.isfinite(t).all() for t in plain.state_dict().values()
-                              if t.is_floating_point()]).all()
-        if not bool(finite):  # never replace a good checkpoint with a diverged model
-            raise UsageError(f"non-finite parameters at step {p.step}; lower --lr; the last "
-                             "good checkpoint is kept")
-        strategy.sync_buffers(plain)
-        state = checkpoint_state(p)  # collective: on every rank
-        ckpt.save(state, p.step)
-        strategy.barrier()
-
-    def run_eval(p: Position) -> None:
-        plain = strategy.unwrap(_uncompiled(wrapped))
-        strategy.sync_buffers(plain)
-        acc, loss, n = evaluate(plain, splits.test_x, splits.test_y, strategy, normalize,
-                                cfg.eval_batch_size, precision_ctx)
-        last_eval.update(step=p.step, accuracy=acc, loss=loss, samples=n)
-        reporter.evaluation(p.step, p.epoch, acc, loss, n)
-
-    def on_epoch_end(p: Position) -> None:
-        if cfg.eval_every_epoch:
-            run_eval(p)
-
-    trainer = Trainer(cfg, strategy, reporter, wrapped, optimizer, loader, scaler, peak_lr,
-                      total_steps, on_checkpoint=save_checkpoint, on_epoch_end=on_epoch_end,
-                      stop=stop)
-    reporter.info(f"{strategy.name} on {device} x {strategy.world_size} "
-                  f"({strategy.backend}), model {cfg.model}, global batch {global_batch}, "
-                  f"lr {peak_lr:g}, {total_steps} steps ({loader.steps_per_epoch}/epoch)")
-    reporter.start_progress(total_steps, pos.step)
-    result: LoopResult = trainer.run(pos)
-    if result.stopped_by_signal:
-        reporter.warning(f"stop requested (SIGTERM): checkpoint written at step {pos.step}; "
-                         "continue with --resume auto")
-    else:
-        if last_eval.get("step") != pos.step:
-            run_eval(pos)
-        save_checkpoint(pos)
-
-    summary = {
-        "test_accuracy": last_eval.get("accuracy"),
-        "test_loss": last_eval.get("loss"),
-        "test_samples": last_eval.get("samples"),
-        "train_samples_per_s": (result.timed_samples / result.train_time_s
-                                if result.train_time_s > 0 else None),
-        "train_time_s": result.train_time_s,
-        "timed_steps": result.timed_steps,
-        "wall_time_s": time.time() - started_at,
-        "steps": pos.step,
-        "epochs": round(pos.step / loader.steps_per_epoch, 4),
-        "world_size": strategy.world_size,
-        "global_batch": global_batch,
-        "effective_lr": peak_lr,
-        "final_loss": result.last_loss,
-        "bn_statistics": ("none" if not bn else "synchronized (SyncBatchNorm)"
-                          if cfg.sync_bn and strategy.name == "ddp" else
-                          "per process (rank 0's are kept)" if strategy.world_size > 1
-                          else "single process"),
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "precision": cfg.precision,
-        "accum": cfg.accum,
-        "seed": cfg.seed,
-        "resumed_from": resumed_from,
-        "restarts": restart,
-        "stopped_by_signal": result.stopped_by_signal,
-        "torch_version": str(torch.__version__),
-        "out": cfg.out,
-        **strategy.describe(),
-    }
-    if strategy.comm is not None:
-        summary["allreduce_calls"] = strategy.comm.calls
-        summary["allreduce_bytes"] = strategy.comm.bytes
-    reporter.summary(summary)
-    return summary
+def _claim(out: Path, resume: str, lock: list[OutDirLock],
+           opened: dict[str, dict[str, Any]]) -> None:
+    """On the main rank: open ``--resume PATH`` (before ``--out`` is created; kept in
+    ``opened``), check ``--out``, then lock it."""
+    if resume not in ("", "auto"):
+        opened[resume] = ck.load(Path(resume))
+    check_out_dir(out, resume)
+    lock.append(OutDirLock(out))
 
 
-def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
+class Run:
+    """One run in one process: its configuration, strategy, outputs, and the steps."""
 
+    def __init__(self, cfg: TrainConfig, strategy: strategies.Strategy, *, started_at: float,
+                 restart: int, resume: str,
+                 opened: dict[str, dict[str, Any]] | None = None) -> None:
+        self.cfg, self.strategy = cfg, strategy
+        self.device = strategy.device
+        self.started_at, self.restart, self.resume = started_at, restart, resume
+        self.opened = opened or {}
+        self.reporter = Reporter(Path(cfg.out), active=strategy.is_main, quiet=cfg.quiet,
+                                 tensorboard=cfg.tensorboard)
+        self.objective = Objective(cfg.loss, cfg.task, label_smoothing=cfg.label_smoothing)
+        self.precision = Precision(cfg.precision, self.device)
+        self.memory_format = (torch.channels_last if cfg.channels_last
+                              else torch.contiguous_format)
+        self.checkpoints = ck.Checkpointer(Path(cfg.out) / "checkpoints",
+                                           is_main=strategy.is_main, keep=cfg.keep_ckpts)
+        self.has_bn = False
+        self.last_eval: dict[str, Any] = {}
 
-def _find_resume(ckpt: Checkpointer, resume: str, reporter: Reporter) -> str | None:
-    if resume == "auto":
-        found = ckpt.latest_good(warn=reporter.warning)
-        if found is None:
-            reporter.info("no checkpoint to resume from: starting from scratch")
+    def execute(self, stop: StopRequest) -> dict[str, Any]:
+        cfg, strategy = self.cfg, self.strategy
+        model = self.build_model()
+        splits = self.load_data(model)
+        loader = self.build_loader(splits)
+        self.splits, self.loader = splits, loader
+        peak_lr = scaled_lr(cfg, loader.samples_per_step)
+        total = cfg.epochs * loader.steps_per_epoch
+        total = min(total, cfg.max_steps) if cfg.max_steps else total
+        found = self.find_checkpoint(total, loader.steps_per_epoch)
+        self.reporter.start(to_toml(cfg))  # every check has passed: outputs may change now
+        self.model = strategy.wrap(model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = strategy.build_optimizer(cfg, self.model)
+        torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (strategy.rank + 1))  # dropout, per rank
+        pos = self.restore(found)
+        step = TrainStep(strategy, self.model, self.optimizer, self.objective, self.precision,
+                         lambda s: lr_at(cfg, peak_lr, s, loader.steps_per_epoch, total))
+        trainer = Trainer(cfg, strategy, self.reporter, step, loader, total,
+                          on_checkpoint=self.save_checkpoint, on_epoch_end=self.epoch_end,
+                          stop=stop)
+        self.reporter.info(f"{strategy.name} on {self.device} x {strategy.world_size} "
+                           f"({strategy.backend}), model {cfg.model}, loss {cfg.loss} "
+                           f"({self.objective.task}), global batch {loader.samples_per_step}, "
+                           f"lr {peak_lr:g}, {total} steps ({loader.steps_per_epoch}/epoch)")
+        self.reporter.start_progress(total, pos.step)
+        result = trainer.run(pos)
+        self.finish(result, pos)
+        summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
+                                loader.samples_per_step, peak_lr, found and found[0])
+        self.reporter.summary(summary)
+        return summary
+
+    # ------------------------------------------------------------------ data and model
+    def build_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.seed)  # identical initial parameters for every world size
+        model = build_model(self.cfg.model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UsageError(f"--model {self.cfg.model} has no trainable parameters; return a "
+                             "model with parameters that require grad")
+        self.has_bn = has_batchnorm(model)
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def load_data(self, model: torch.nn.Module) -> Splits:
+        """Both splits, their inputs in the model's dtype and targets checked against the
+        task, on the device; then one dry-run batch through the model."""
+        splits = load_splits(self.cfg.dataset, self.cfg.data_root, log=self.reporter.info)
+        self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                torch.float32)
+        if splits.is_dataset:
+            self.prepare = _BatchPreparer(self.objective, self.float_dtype, self._warn_cast)
+        else:
+            self.prepare = None
+            splits = splits.replace(
+                train_x=self._cast(splits.train_x), test_x=self._cast(splits.test_x),
+                train_y=self.objective.prepare_targets(splits.train_y, "train",
+                                                       self.float_dtype),
+                test_y=self.objective.prepare_targets(splits.test_y, "test", self.float_dtype))
+        if self.cfg.augment != "none" and not (isinstance(splits.train_x, torch.Tensor)
+                                               and splits.train_x.dtype == torch.uint8):
+            raise UsageError(f"--augment {self.cfg.augment} shifts uint8 images; this dataset's "
+                             "inputs are not: drop --augment")
+        splits = splits.to(self.device)
+        self.normalize = Normalizer(splits.mean, splits.std, self.memory_format)
+        _dry_run(model, splits, self.objective, self.normalize, self.prepare, self.device,
+                 self.cfg)
+        return splits
+
+    def _cast(self, x: Any) -> Any:
+        if B.float_dtypes(x) - {self.float_dtype}:
+            self._warn_cast(B.float_dtypes(x))
+            return B.cast_floats(x, self.float_dtype)
+        return x
+
+    def _warn_cast(self, dtypes: set[torch.dtype]) -> None:
+        self.reporter.warning(f"the dataset's inputs are {', '.join(sorted(map(str, dtypes)))}; "
+                              f"converted once to the model's {self.float_dtype}")
+
+    def build_loader(self, splits: Splits) -> ShardedLoader:
+        s = self.strategy
+        shard = {"batch_size": self.cfg.batch_size, "rank": s.rank, "world": s.world_size,
+                 "accum": self.cfg.accum, "seed": self.cfg.seed, "normalize": self.normalize}
+        if splits.is_dataset:
+            return DatasetLoader(splits.train_x, device=self.device, prepare=self.prepare,
+                                 **shard)
+        return ShardedLoader(splits.train_x, splits.train_y, augment=self.cfg.augment, **shard)
+
+    # ------------------------------------------------------------------ checkpoints
+    def find_checkpoint(self, total: int, steps_per_epoch: int
+                        ) -> tuple[str, dict[str, Any]] | None:
+        """The checkpoint to resume from, loaded (once per process) and checked against this
+        run -- before anything in the run directory changes."""
+        if not self.resume:
             return None
-        return str(found[0])
-    path = Path(resume)
-    load(path)  # fail early, on rank 0, with a clear message
-    return str(path)
+        def locate() -> str | None:
+            if self.resume in self.opened:
+                return self.resume
+            found = ck.find_resume(self.checkpoints, self.resume, info=self.reporter.info,
+                                   warn=self.reporter.warning)
+            if found is not None:
+                self.opened[found[0]] = found[1]
+            return None if found is None else found[0]
+
+        path = self.strategy.main_only(locate)
+        if path is None:
+            return None
+        state = self.opened.pop(path) if self.strategy.is_main else ck.load(Path(path))
+        ck.check_compatible(state, self.cfg, path, self.strategy.world_size)
+        ck.check_position(state, path, total, steps_per_epoch)
+        return path, state
+
+    def restore(self, found: tuple[str, dict[str, Any]] | None) -> Position:
+        if found is None:
+            return Position()
+        path, state = found
+        ck.restore(state, path, self.strategy, self.model, self.optimizer, self.precision,
+                   self.cfg)
+        pos = Position(**state["position"])
+        self.reporter.info(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, "
+                           f"step {pos.step_in_epoch} of it)")
+        return pos
+
+    def save_checkpoint(self, pos: Position) -> None:
+        plain = self.strategy.plain(self.model)
+        if not ck.all_finite(plain):  # never replace a good checkpoint with a diverged model
+            raise UsageError(f"non-finite parameters at step {pos.step}; lower --lr; the last "
+                             "good checkpoint is kept")
+        self.strategy.sync_buffers(plain)
+        state = ck.capture(self.strategy, self.model, self.optimizer, self.precision, pos,
+                           self.cfg)  # collective: on every rank
+        self.checkpoints.save(state, pos.step)
+        self.strategy.barrier()
+
+    # ------------------------------------------------------------------ evaluation
+    def run_eval(self, pos: Position) -> None:
+        plain = self.strategy.plain(self.model)
+        self.strategy.sync_buffers(plain)
+        metrics = evaluate(plain, self.splits.test_x, self.splits.test_y, self.strategy,
+                           self.objective, self.precision, self.cfg.eval_batch_size,
+                           self.normalize, self.prepare)
+        self.last_eval = {"step": pos.step, "metrics": metrics}
+        self.reporter.evaluation(pos.step, pos.epoch, metrics)
+
+    def epoch_end(self, pos: Position) -> None:
+        if self.cfg.eval_every_epoch:
+            self.run_eval(pos)
+
+    def finish(self, result: LoopResult, pos: Position) -> None:
+        """Final evaluation and checkpoint -- or, stopped by a signal, only the checkpoint
+        the loop already wrote."""
+        if result.stopped_by_signal:
+            self.reporter.warning(f"stop requested (SIGTERM): checkpoint written at step "
+                                  f"{pos.step}; continue with --resume auto")
+            return
+        if self.last_eval.get("step") != pos.step:
+            self.run_eval(pos)
+        self.save_checkpoint(pos)
 
 
-def _check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str,
-                      world_size: int) -> None:
-    """Resuming under other settings would silently be a different run: refuse."""
-    saved = state.get("config", {})
-    for key in ("model", "dataset", "batch_size", "accum", "seed"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UsageError(f"checkpoint {path} was written with {key}={saved[key]!r}, this run "
-                             f"has {key}={getattr(cfg, key)!r}; resume with the same settings")
-    if state.get("world_size", world_size) != world_size:
-        raise UsageError(f"checkpoint {path} was written by {state['world_size']} processes, "
-                         f"this run has {world_size}; resume with the same number of processes")
+class _BatchPreparer:
+    """A Dataset's batches, on the CPU: inputs cast to the model's dtype (warned once),
+    targets checked against the task (the tensor path checks whole splits instead)."""
+
+    def __init__(self, objective: Objective, dtype: torch.dtype, warn: Any) -> None:
+        self.objective, self.dtype, self.warn, self.warned = objective, dtype, warn, False
+        self.labels: list[torch.Tensor] = []
+
+    def __call__(self, x: Any, y: Any) -> tuple[Any, Any]:
+        extra = B.float_dtypes(x) - {self.dtype}
+        if extra and not self.warned:
+            self.warned = True
+            self.warn(extra)
+        x = B.cast_floats(x, self.dtype)
+        y = self.objective.prepare_targets(y, "batch", self.dtype)
+        if y is not None and self.objective.task == "classification" and self.objective.width:
+            self.objective.check_labels([y])
+        return x, y
 
 
-def _restore_rng(state: dict[str, Any], strategy: strategies.Strategy) -> None:
-    """Each rank continues its own random stream (dropout) exactly where it was saved."""
-    rng = state.get("rng", {})
-    torch.set_rng_state(rng["cpu"][strategy.rank].cpu())
-    cuda = rng.get("cuda") or []
-    if strategy.device.type == "cuda" and len(cuda) == strategy.world_size and cuda[0].numel():
-        torch.cuda.set_rng_state(cuda[strategy.rank].cpu(), strategy.device)
+def _dry_run(model: torch.nn.Module, splits: Splits, objective: Objective, normalize: Any,
+             prepare: Any, device: torch.device, cfg: TrainConfig) -> None:
+    """One small batch through the model (eval mode, no grad: no state changes) to check that
+    the model takes the data, and that its output fits the targets and the labels the
+    classes -- before any training, not after it."""
+    from dptrain.data.loader import eval_batches
+
+    n = min(len(splits.train_x) if splits.is_dataset else B.num_samples(splits.train_x),
+            max(2, min(cfg.batch_size, 8)))
+    xb, yb = next(iter(eval_batches(splits.train_x, splits.train_y, 0, n, n, device, prepare)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = B.call_model(model, normalize(xb))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise UsageError(f"--model {cfg.model} cannot take the batches of --dataset "
+                         f"{cfg.dataset} ({type(exc).__name__}: {first}); make the model's "
+                         "input match the data") from None
+    finally:
+        model.train(was_training)
+    all_targets = [] if splits.is_dataset else [t for t in (splits.train_y, splits.test_y)
+                                                if t is not None]
+    objective.check_output(out, yb, all_targets)

@@ -31,10 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep both runs under DIR (default: a temporary directory)")
     p.set_defaults(func=cmd_verify)
-    add_config_flags(p, only=("model", "dataset", "data_root", "batch_size", "nproc", "lr",
-                              "optimizer", "momentum", "accum", "sync_bn", "seed", "threads",
-                              "precision", "weight_decay"))
-    p.set_defaults(nproc="2", dataset="synthetic", batch_size=16, lr=0.01, momentum=0.9)
+    add_config_flags(p, only=VERIFY_FLAGS, defaults=VERIFY_DEFAULTS)
+
+
+VERIFY_FLAGS = ("model", "dataset", "data_root", "loss", "task", "batch_size", "nproc", "lr",
+                "optimizer", "momentum", "accum", "sync_bn", "seed", "threads", "precision",
+                "weight_decay")
+# what verify runs when a flag is not given (shown by --help as the defaults they are)
+VERIFY_DEFAULTS = {"nproc": "2", "dataset": "synthetic", "batch_size": 16, "lr": 0.01,
+                   "momentum": 0.9}
 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -85,10 +90,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dptrain.config import FIELDS
     from dptrain.models import build_model, has_batchnorm
 
-    values = {n: getattr(args, n) for n in FIELDS if hasattr(args, n)}
-    nproc = int(values.get("nproc", "2"))
-    if nproc < 1 or args.steps < 1 or not args.tol > 0:
-        raise UsageError("--nproc and --steps must be at least 1 and --tol positive")
+    values = {**VERIFY_DEFAULTS, **{n: getattr(args, n) for n in FIELDS if hasattr(args, n)}}
+    try:
+        nproc = int(values["nproc"])
+    except ValueError:
+        raise UsageError(f"--nproc must be a positive integer, got {values['nproc']!r}") from None
+    if nproc < 1 or nproc > 64:
+        raise UsageError(f"--nproc must be between 1 and 64, got {nproc}")
+    if not 1 <= args.steps <= 100_000:
+        raise UsageError(f"--steps must be between 1 and 100000, got {args.steps}")
+    if not args.tol > 0:
+        raise UsageError(f"--tol must be positive, got {args.tol}")
+    if args.keep:
+        from dptrain.rundir import holds_run
+
+        keep = Path(args.keep)
+        used = [d for d in ("one", f"ddp{nproc}") if (keep / d).exists() and holds_run(keep / d)]
+        if used:
+            raise UsageError(f"--keep {keep} already holds verify runs ({', '.join(used)}); "
+                             "choose another --keep directory")
     model = build_model(values.get("model", "linear"))
     if has_batchnorm(model) and not values.get("sync_bn"):
         print("note: the model has BatchNorm: without --sync-bn each process normalises with "
@@ -105,7 +125,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ok = diff <= args.tol
     print(f"1 process x batch {s1['global_batch']} vs {nproc} processes x batch "
           f"{values['batch_size']} ({sn['global_batch']} global), {args.steps} steps, "
-          f"model {values.get('model', 'linear')}")
+          f"model {values.get('model', 'linear')}, dataset {values['dataset']}, loss "
+          f"{values.get('loss', 'cross_entropy')}")
     print(f"largest parameter difference: {diff:.3e} ({where or '-'}); largest loss difference "
           f"over {len(l1)} steps: {loss_diff:.3e}; tolerance {args.tol:g}")
     print("PASS: N-process training equals 1-process training" if ok else

@@ -34,7 +34,7 @@ def test_union_of_shards_is_the_single_process_batch(world: int, accum: int):
                 assert torch.equal(union, xb)  # same samples, same order
     # no sample twice within an epoch; exactly steps*global samples used (drop-last)
     used = torch.cat([xb for micro in single.epoch(0) for xb, _ in micro])
-    assert len(used.unique()) == len(used) == single.steps_per_epoch * single.step_global
+    assert len(used.unique()) == len(used) == single.steps_per_epoch * single.samples_per_step
 
 
 def test_permutation_depends_on_seed_and_epoch_only():

@@ -85,12 +85,14 @@ def comm_worker(sizes: list[int], iters: int, warmup: int, device: str,
 
     from dptrain import dist, strategies
     from dptrain.config import TrainConfig
+    from dptrain.plan import make_plan
 
     env = dist.detect()
     torch.set_num_threads(1)  # the reduction is not what we time; leave cores to peers
-    dev = strategies.resolve_device(device, env)
-    strategy = strategies.build(TrainConfig(strategy="ddp", device=dev.type, timeout_s=timeout_s,
-                                            cpu_allreduce=cpu_allreduce), env)
+    plan = make_plan(TrainConfig(strategy="ddp", device=device, timeout_s=timeout_s,
+                                 cpu_allreduce=cpu_allreduce), env)
+    strategy = strategies.build(plan, env)
+    dev = strategy.device
     backend = strategy.backend
     strategy.setup()
 

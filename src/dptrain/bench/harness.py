@@ -3,8 +3,9 @@
 :func:`bench_worker` measures one configuration in one process of a fresh launch, using
 dptrain's own pieces (strategy, model, device-resident sharded loader). Three phases:
 
-1. **train**: ``warmup`` steps, then ``steps`` timed steps exactly as training runs them --
-   batch gather + normalise, forward, backward with gradient all-reduce, optimizer step. The
+1. **train**: ``warmup`` steps, then ``steps`` timed steps of :class:`dptrain.loop.TrainStep`,
+   the step training runs -- batch gather + normalise, the strategy's forward/backward with
+   gradient all-reduce, the strategy's optimizer step (SGD, momentum 0.9). The
    clock is device-synchronised at both ends. Gives samples/s, the loss curve and, through
    DDP's comm hook, all-reduce calls and bytes.
 2. **data**: the loader alone (gather + normalise), batches timed one by one -> ``data_s``
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dptrain.data.loader import Batch
 
@@ -70,11 +70,10 @@ def _sync(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
-def _batches(loader: Any) -> Iterator[Batch]:
-    """Endless stream of this rank's (only) micro-batch, epoch after epoch."""
+def _batches(loader: Any) -> Iterator[list[Batch]]:
+    """Endless stream of this rank's steps (one micro-batch each), epoch after epoch."""
     for epoch in itertools.count():
-        for micro in loader.epoch(epoch):
-            yield micro[0]
+        yield from loader.epoch(epoch)
 
 
 def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -87,16 +86,18 @@ def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from dptrain import dist, strategies
     from dptrain.config import TrainConfig
-    from dptrain.run import default_threads
+    from dptrain.plan import make_plan
 
     env = dist.detect()
     cfg = TrainConfig(strategy=spec["strategy"], model=spec["model"], dataset=spec["dataset"],
                       data_root=spec["data_root"], batch_size=spec["batch_size"],
                       device=spec["device"], bucket_cap_mb=spec["bucket_cap_mb"],
-                      seed=spec["seed"], quiet=True)
-    threads = spec["threads"] or default_threads(env.local_world_size)
+                      seed=spec["seed"], quiet=True, threads=spec["threads"],
+                      optimizer="sgd", lr=spec["lr"], momentum=0.9).validate()
+    plan = make_plan(cfg, env)
+    threads = plan.threads
     torch.set_num_threads(threads)
-    strategy = strategies.build(cfg, env, count_comm=True)
+    strategy = strategies.build(plan, env, count_comm=True)
     strategy.setup()
     try:
         result = _measure(spec, cfg, strategy)
@@ -110,7 +111,10 @@ def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     from dptrain.data.datasets import load_splits
     from dptrain.data.loader import Normalizer, ShardedLoader
+    from dptrain.loop import TrainStep
     from dptrain.models import build_model
+    from dptrain.objective import Objective
+    from dptrain.precision import Precision
 
     device = strategy.device
     devices = [device]
@@ -139,26 +143,23 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         raise UsageError(f"--batch-size {cfg.batch_size} x {strategy.world_size} processes is "
                          f"larger than the training split ({len(splits.train_x)}); lower it")
     wrapped = strategy.wrap(model)
-    opt = torch.optim.SGD(wrapped.parameters(), lr=spec["lr"], momentum=0.9)
+    train_step = TrainStep(strategy, wrapped, strategy.build_optimizer(cfg, wrapped),
+                           Objective(cfg.loss), Precision(cfg.precision, device))
     batches = _batches(loader)
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(wrapped(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    def step(micro: list[Batch]) -> torch.Tensor:
+        return train_step(micro, 0)[0]
 
     steps, warmup = spec["steps"], spec["warmup"]
     wrapped.train()
     # --- 1. training, timed as a whole
     for _ in range(warmup):
-        step(*next(batches))
+        step(next(batches))
     comm = strategy.comm
     calls0, bytes0 = (comm.calls, comm.bytes) if comm is not None else (0, 0)
     _sync(devices)
     start = time.perf_counter()
-    losses = [step(*next(batches)) for _ in range(steps)]
+    losses = [step(next(batches)) for _ in range(steps)]
     _sync(devices)
     train_s = time.perf_counter() - start
     calls = (comm.calls - calls0) if comm is not None else 0
@@ -166,7 +167,7 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     loss_curve = torch.stack(losses).float().cpu().tolist()
 
     # --- 2. the data pipeline alone, step by step; keep a few batches for phase 3
-    pool: list[Batch] = []
+    pool: list[list[Batch]] = []
     data_times = []
     diag = min(steps, spec.get("diag_steps", DIAGNOSTIC_STEPS))
     for _ in range(diag):
@@ -181,12 +182,12 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     # --- 3. steps with and without gradient sync, interleaved so that drift hits both alike
     sync_times, nosync_times = [], []
     for i in range(min(warmup, 3) * 2 + 2 * diag):
-        xb, yb = pool[i % len(pool)]
+        micro = pool[i % len(pool)]
         ctx = strategy.no_sync(wrapped) if i % 2 else contextlib.nullcontext()
         _sync(devices)
         start = time.perf_counter()
         with ctx:
-            step(xb, yb)
+            step(micro)
         _sync(devices)
         if i >= min(warmup, 3) * 2:
             (nosync_times if i % 2 else sync_times).append(time.perf_counter() - start)
@@ -263,9 +264,9 @@ def baseline_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from dptrain.bench.baseline import run_tutorial_linear
     from dptrain.data.datasets import load_splits
-    from dptrain.run import default_threads
+    from dptrain.plan import usable_cores
 
-    threads = spec["threads"] or default_threads(1)
+    threads = spec["threads"] or usable_cores()
     torch.set_num_threads(threads)
     splits = load_splits(spec["dataset"], spec["data_root"], log=_quiet)
     batch = spec["batch_size"]

@@ -6,6 +6,7 @@ sets) that the loader moves to the training device once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,23 +34,28 @@ class Splits:
     """Train and test tensors. ``mean``/``std`` set means "uint8 pixels, normalise per batch"."""
 
     name: str
-    train_x: torch.Tensor | torch.utils.data.Dataset
+    train_x: object  # a tensor, a structure of tensors, or a Dataset
     train_y: torch.Tensor | None
-    test_x: torch.Tensor | torch.utils.data.Dataset
+    test_x: object
     test_y: torch.Tensor | None
     mean: float | None = None
     std: float | None = None
 
     @property
     def is_dataset(self) -> bool:
-        return not isinstance(self.train_x, torch.Tensor)
+        return isinstance(self.train_x, torch.utils.data.Dataset)
 
     def to(self, device: torch.device) -> Splits:
         if self.is_dataset:  # batches are moved as the DataLoader produces them
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Splits(self.name, move(self.train_x), move(self.train_y), move(self.test_x),
-                      move(self.test_y), self.mean, self.std)
+        from dptrain.data.batch import to_device
+
+        return Splits(self.name, to_device(self.train_x, device), to_device(self.train_y, device),
+                      to_device(self.test_x, device), to_device(self.test_y, device), self.mean,
+                      self.std)
+
+    def replace(self, **changes: object) -> Splits:
+        return dataclasses.replace(self, **changes)
 
 
 def synthetic(n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST, seed: int = 1234,
@@ -98,12 +104,17 @@ def idx_dataset(name: str, root: Path, *, log: Callable[[str], None] = print) ->
 
 
 def plugin_dataset(spec: str) -> Splits:
-    """``package.module:factory`` returning ``(train_x, train_y, test_x, test_y)`` tensors,
-    or ``(train_dataset, test_dataset)``: map-style Datasets yielding ``(x, label)``.
+    """``package.module:factory`` returning ``(train_x, train_y, test_x, test_y)`` (or a dict
+    with those keys), or ``(train_dataset, test_dataset)``: map-style Datasets.
 
-    Tensors are moved to the device whole; Datasets go through a sharded DataLoader. uint8
-    images are normalised per batch like MNIST; float images are used as given.
+    ``*_x`` may be a tensor or a tuple/list/dict of tensors (a multi-input model, a dict batch);
+    ``*_y`` a tensor, or ``None`` for a model that computes its own loss. A Dataset's samples
+    are ``(x, y)`` (more elements: the last is the target, the rest the inputs) or a dict
+    (passed as ``model(**batch)``, targets from its ``labels`` key). Tensors are moved to the
+    device whole; Datasets go through a sharded DataLoader. uint8 images are normalised per
+    batch like MNIST; everything else is used as given, targets keep their dtype.
     """
+    from dptrain.data import batch as B
     from dptrain.models import load_factory
 
     result = load_factory(spec, "dataset")()
@@ -116,28 +127,49 @@ def plugin_dataset(spec: str) -> Splits:
             and all(isinstance(d, torch.utils.data.Dataset) for d in result)):
         train, test = result
         for ds, split in ((train, "train"), (test, "test")):
-            if len(ds) == 0:
+            try:
+                n = len(ds)
+            except TypeError:
+                raise UsageError(f"--dataset {spec!r}: the {split} Dataset has no len(); "
+                                 "dptrain needs map-style Datasets") from None
+            if n == 0:
                 raise UsageError(f"--dataset {spec!r}: the {split} Dataset is empty")
-        first = train[0][0]
+        first = split_sample(train[0])[0]
         uint8 = isinstance(first, torch.Tensor) and first.dtype == torch.uint8
         mean, std = NORMALISATION["mnist"] if uint8 else (None, None)
         return Splits(spec, train, None, test, None, mean, std)
-    if not (isinstance(result, tuple | list) and len(result) == 4
-            and all(isinstance(t, torch.Tensor) for t in result)):
-        raise UsageError(f"--dataset {spec!r}: the factory must return four tensors "
-                         "(train_x, train_y, test_x, test_y)")
+    if not (isinstance(result, tuple | list) and len(result) == 4):
+        raise UsageError(f"--dataset {spec!r}: the factory must return four items "
+                         "(train_x, train_y, test_x, test_y) or two Datasets")
     tx, ty, vx, vy = result
     for x, y, split in ((tx, ty, "train"), (vx, vy, "test")):
-        if len(x) != len(y):
-            raise UsageError(f"--dataset {spec!r}: {split} has {len(x)} inputs but {len(y)} "
+        if not B.leaves(x):
+            raise UsageError(f"--dataset {spec!r}: {split}_x must be a tensor or a "
+                             f"tuple/list/dict of tensors, got {type(x).__name__}")
+        if y is not None and not isinstance(y, torch.Tensor):
+            raise UsageError(f"--dataset {spec!r}: {split}_y must be a tensor (or None), got "
+                             f"{type(y).__name__}")
+        n = B.num_samples(x, f"{split} inputs")
+        if y is not None and len(y) != n:
+            raise UsageError(f"--dataset {spec!r}: {split} has {n} inputs but {len(y)} "
                              "labels")
-        if len(x) == 0:
+        if n == 0:
             raise UsageError(f"--dataset {spec!r}: the {split} split is empty")
-    if tx.dtype == torch.uint8:
-        mean, std = NORMALISATION["mnist"]
-    else:
-        mean = std = None
-    return Splits(spec, tx, ty.long(), vx, vy.long(), mean, std)
+    uint8 = isinstance(tx, torch.Tensor) and tx.dtype == torch.uint8
+    mean, std = NORMALISATION["mnist"] if uint8 else (None, None)
+    return Splits(spec, tx, ty, vx, vy, mean, std)
+
+
+def split_sample(sample: object) -> tuple[object, object]:
+    """A Dataset sample (or collated batch) -> ``(inputs, targets)``; see :func:`plugin_dataset`."""
+    if isinstance(sample, dict):
+        return sample, sample.get("labels")
+    if isinstance(sample, tuple | list):
+        if len(sample) == 2:
+            return sample[0], sample[1]
+        if len(sample) > 2:
+            return tuple(sample[:-1]), sample[-1]
+    return sample, None
 
 
 def load_splits(name: str, root: str | Path, *, log: Callable[[str], None] = print) -> Splits:

@@ -18,12 +18,17 @@ most one, so every sample is counted exactly once for any world size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.utils.data
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+from dptrain.data import batch as B
+from dptrain.data.datasets import split_sample
+
+Batch = tuple[Any, torch.Tensor | None]  # (inputs: a tensor or a structure, targets)
+Prepare = Callable[[Any, Any], Batch]  # a Dataset's CPU batch -> checked (inputs, targets)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -40,11 +45,13 @@ class Normalizer:
         self.shift = None if mean is None else -mean / std
         self.memory_format = memory_format
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):  # a structure of inputs: used as given
+            return x
         if self.scale is not None:
             x = x.float().mul_(self.scale).add_(self.shift)
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
+            if x.dim() == 3:  # (N, H, W) images -> (N, 1, H, W)
+                x = x.unsqueeze(1)
         if self.memory_format is not torch.contiguous_format and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x
@@ -56,7 +63,7 @@ CHUNK_FLOATS = 1 << 20  # normalised values per gathered chunk (4 MiB in fp32: s
 class ShardedLoader:
     """Global-batch sharding over ranks and gradient-accumulation micro-batches."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, rank: int,
+    def __init__(self, x: Any, y: torch.Tensor | None, *, batch_size: int, rank: int,
                  world: int, accum: int, seed: int, normalize: Normalizer,
                  augment: str = "none") -> None:
         if not 0 <= rank < world:
@@ -66,17 +73,23 @@ class ShardedLoader:
         self.seed = seed
         self.normalize = normalize
         self.augment = augment
+        self.n = len(x) if isinstance(x, torch.Tensor | _Length) else B.num_samples(x)
         self.micro_global = batch_size * world  # samples per micro-batch over all ranks
-        self.step_global = self.micro_global * accum  # samples per optimizer step
-        self.steps_per_epoch = len(x) // self.step_global
+        self.samples_per_step = self.micro_global * accum  # samples per optimizer step, global
+        self.steps_per_epoch = self.n // self.samples_per_step
+
+    def __len__(self) -> int:
+        return self.n
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        perm = torch.randperm(len(self.x), generator=epoch_generator(self.seed, epoch))
-        return perm.to(self.x.device)
+        perm = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
+        leaf = B.leaves(self.x)
+        return perm.to(leaf[0].device) if leaf else perm
 
     def indices(self, perm: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         """This rank's indices for micro-batch ``micro`` of optimizer step ``step``."""
-        start = step * self.step_global + micro * self.micro_global + self.rank * self.batch_size
+        start = (step * self.samples_per_step + micro * self.micro_global
+                 + self.rank * self.batch_size)
         return perm[start:start + self.batch_size]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
@@ -88,27 +101,32 @@ class ShardedLoader:
         """
         if self.augment not in ("none", "shift"):
             raise ValueError(f"unknown augmentation {self.augment!r}")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start step {start_step} outside the epoch's "
+                             f"{self.steps_per_epoch} steps")
         perm = self.permutation(epoch)
         b, accum, world = self.batch_size, self.accum, self.world
-        sample = max(1, self.x[0].numel()) if len(self.x) else 1
+        sample = max(1, sum(t[0].numel() for t in B.leaves(self.x))) if self.n else 1
         chunk_steps = max(1, CHUNK_FLOATS // (b * accum * sample))
+        g = self.samples_per_step
         for first in range(start_step, self.steps_per_epoch, chunk_steps):
             last = min(first + chunk_steps, self.steps_per_epoch)
             # (steps, micro-batches, ranks, batch) -> this rank's column, in step/micro order
-            idx = perm[first * self.step_global:last * self.step_global]
+            idx = perm[first * g:last * g]
             idx = idx.view(last - first, accum, world, b)[:, :, self.rank].reshape(-1)
-            xs, ys = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            xs = B.index(self.x, idx)
+            ys = None if self.y is None else self.y.index_select(0, idx)
             if self.augment == "none":
                 xs = self.normalize(xs)
             for i, step in enumerate(range(first, last)):
                 micro = []
                 for k in range(accum):
                     lo = (i * accum + k) * b
-                    xb = xs[lo:lo + b]
+                    xb = B.slice_(xs, lo, lo + b)
                     if self.augment == "shift":
                         xb = self.normalize(random_shift(xb, self.seed, epoch, step, k,
                                                          self.rank))
-                    micro.append((xb, ys[lo:lo + b]))
+                    micro.append((xb, None if ys is None else ys[lo:lo + b]))
                 yield micro
 
 
@@ -122,10 +140,12 @@ class DatasetLoader(ShardedLoader):
 
     def __init__(self, dataset: torch.utils.data.Dataset, *, batch_size: int, rank: int,
                  world: int, accum: int, seed: int, normalize: Normalizer,
-                 device: torch.device, num_workers: int = 0) -> None:
+                 device: torch.device, num_workers: int = 0,
+                 prepare: Prepare | None = None) -> None:
         self.dataset = dataset
         self.device = device
         self.num_workers = num_workers
+        self.prepare = prepare or (lambda x, y: (x, y))
         n = len(dataset)
         super().__init__(_Length(n), _Length(n), batch_size=batch_size, rank=rank, world=world,
                          accum=accum, seed=seed, normalize=normalize)
@@ -140,9 +160,10 @@ class DatasetLoader(ShardedLoader):
         batches = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
                                               num_workers=self.num_workers)
         micro: list[Batch] = []
-        for xb, yb in batches:
-            xb = xb.to(self.device, non_blocking=True)
-            micro.append((self.normalize(xb), yb.to(self.device, non_blocking=True).long()))
+        for batch in batches:
+            xb, yb = self.prepare(*split_sample(batch))
+            xb = self.normalize(B.to_device(xb, self.device))
+            micro.append((xb, B.to_device(yb, self.device)))
             if len(micro) == self.accum:
                 yield micro
                 micro = []
@@ -158,18 +179,21 @@ class _Length:
         return self.n
 
 
-def eval_batches(x: torch.Tensor | torch.utils.data.Dataset, y: torch.Tensor | None,
-                 start: int, end: int, batch_size: int, device: torch.device
-                 ) -> Iterator[Batch]:
-    """Batches of samples ``[start, end)``: tensor slices, or a DataLoader over a Dataset."""
-    if isinstance(x, torch.Tensor):
+def eval_batches(x: Any, y: torch.Tensor | None, start: int, end: int, batch_size: int,
+                 device: torch.device, prepare: Prepare | None = None) -> Iterator[Batch]:
+    """Batches of samples ``[start, end)``: slices of tensors (or of a structure of them), or
+    a DataLoader over a Dataset (its batches checked by ``prepare``, then moved)."""
+    if not isinstance(x, torch.utils.data.Dataset):
         for i in range(start, end, batch_size):
             j = min(i + batch_size, end)
-            yield x[i:j], y[i:j]
+            yield B.slice_(x, i, j), None if y is None else y[i:j]
         return
     subset = torch.utils.data.Subset(x, range(start, end))
-    for xb, yb in torch.utils.data.DataLoader(subset, batch_size=batch_size):
-        yield xb.to(device), yb.to(device).long()
+    for batch in torch.utils.data.DataLoader(subset, batch_size=batch_size):
+        xb, yb = split_sample(batch)
+        if prepare is not None:
+            xb, yb = prepare(xb, yb)
+        yield B.to_device(xb, device), B.to_device(yb, device)
 
 
 def random_shift(x: torch.Tensor, seed: int, epoch: int, step: int, micro: int,

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from dptrain.config import TrainConfig
-from dptrain.dist import DistEnv, resolve_backend
+from dptrain.dist import DistEnv
 from dptrain.errors import UsageError
 from dptrain.strategies.base import Strategy
 from dptrain.strategies.ddp import DDPOptions, DistributedDataParallel
 from dptrain.strategies.dp import DataParallel
 from dptrain.strategies.single import SingleDevice
 
-__all__ = ["Strategy", "build", "resolve_device", "resolve_strategy_name"]
+if TYPE_CHECKING:
+    from dptrain.plan import Plan
+
+__all__ = ["Strategy", "build", "local_device"]
 
 
-def resolve_device(requested: str, env: DistEnv) -> torch.device:
-    """``auto`` -> CUDA when present. Under several processes, each takes its local GPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA GPU is visible; use --device cpu "
-                         "(or auto)")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+def local_device(kind: str, env: DistEnv) -> torch.device:
+    """The plan's device kind -> this process's device (each local rank takes its own GPU)."""
+    if kind == "cpu":
         return torch.device("cpu")
     n = torch.cuda.device_count()
     if env.local_rank >= n:
@@ -29,24 +30,13 @@ def resolve_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def resolve_strategy_name(requested: str, env: DistEnv, nproc: int = 1) -> str:
-    if requested != "auto":
-        return requested
-    return "ddp" if env.distributed or nproc > 1 else "single"
-
-
-def build(cfg: TrainConfig, env: DistEnv, *, count_comm: bool = False) -> Strategy:
-    """The strategy for this process, with its device resolved."""
-    name = resolve_strategy_name(cfg.strategy, env)
-    if name == "single" and env.world_size > 1:
-        raise UsageError(f"--strategy single cannot run in {env.world_size} processes; use "
-                         "--strategy ddp (or auto)")
-    device = resolve_device(cfg.device, env)
-    if name == "dp":
-        if cfg.device == "cpu":
-            raise UsageError("--strategy dp needs CUDA GPUs; on CPU use --strategy ddp")
+def build(plan: Plan, env: DistEnv, *, count_comm: bool = False) -> Strategy:
+    """The strategy object for this process, as the plan resolved it."""
+    cfg = plan.cfg
+    device = local_device(plan.device, env)
+    if plan.strategy == "dp":
         return DataParallel(env, device)
-    if name == "ddp":
+    if plan.strategy == "ddp":
         options = DDPOptions(
             bucket_cap_mb=cfg.bucket_cap_mb,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
@@ -57,7 +47,6 @@ def build(cfg: TrainConfig, env: DistEnv, *, count_comm: bool = False) -> Strate
             count_comm=count_comm,
             sync_bn=cfg.sync_bn,
         )
-        backend = resolve_backend(cfg.backend, device)
-        return DistributedDataParallel(env, device, backend=backend, timeout_s=cfg.timeout_s,
-                                       options=options)
+        return DistributedDataParallel(env, device, backend=plan.backend,
+                                       timeout_s=cfg.timeout_s, options=options)
     return SingleDevice(env, device)

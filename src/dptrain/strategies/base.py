@@ -1,15 +1,36 @@
-"""The interface every strategy implements. The training loop only ever talks to this."""
+"""The interface every strategy implements. The training loop only ever talks to this.
+
+A strategy owns how one process takes part in training:
+
+* the model: :meth:`wrap` / :meth:`unwrap` / :meth:`no_sync`;
+* the step: :meth:`build_optimizer`, :meth:`forward_backward` (forward and backward over the
+  accumulation micro-batches, gradients synchronised once) and :meth:`optimizer_step`;
+* the state it saves and restores: :meth:`state_dict` / :meth:`load_state_dict` (model,
+  optimizer, precision, per-rank RNG), which ``checkpoint.py`` writes and reads;
+* the collectives the loop, evaluation and checkpoints need.
+
+The defaults below are data parallelism with one optimizer per rank; a new strategy
+(sharding, pipelining, local SGD) overrides what it changes, in its own file.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from dptrain.data.batch import call_model
 from dptrain.dist import DistEnv
+from dptrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from dptrain.config import TrainConfig
+    from dptrain.data.loader import Batch
+    from dptrain.objective import Objective
+    from dptrain.precision import Precision
 
 
 class Strategy:
@@ -54,6 +75,95 @@ class Strategy:
         """Inside, backward accumulates gradients locally without communicating."""
         yield
 
+    def plain(self, model: nn.Module) -> nn.Module:
+        """The trained module (wrapped, maybe compiled) -> the user's model."""
+        return self.unwrap(getattr(model, "_orig_mod", model))
+
+    # --- the step
+    def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over the wrapped model's parameters."""
+        from dptrain.optim import build_optimizer
+
+        return build_optimizer(cfg, model.parameters(), self.device)
+
+    def forward_backward(self, model: nn.Module, micro: list[Batch], objective: Objective,
+                         precision: Precision) -> list[torch.Tensor]:
+        """Forward and backward over one optimizer step's micro-batches; gradients are
+        synchronised once, in the last backward. Returns each micro-batch's loss (detached).
+
+        The mean of K micro-batch losses, each scaled by 1/K, is the loss of one K-times
+        larger batch, so accumulation equals a larger batch."""
+        losses = []
+        last = len(micro) - 1
+        for k, (inputs, targets) in enumerate(micro):
+            with contextlib.nullcontext() if k == last else self.no_sync(model):
+                with precision.autocast():
+                    loss = objective.loss(call_model(model, inputs), targets)
+                scaled = loss if len(micro) == 1 else loss / len(micro)
+                precision.scale(scaled).backward()
+            losses.append(loss.detach())
+        return losses
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
+        """Apply the synchronised gradients, then drop them (``set_to_none``)."""
+        fast, params = self._fast_step(optimizer)
+        precision.step(optimizer, fast)
+        for p in params:  # zero_grad(set_to_none=True) without its per-call wrapper cost
+            p.grad = None
+
+    def _fast_step(self, optimizer: torch.optim.Optimizer
+                   ) -> tuple[Callable[[], None], list[torch.Tensor]]:
+        cache = self.__dict__.setdefault("_steps", {})
+        if id(optimizer) not in cache:
+            from dptrain.optim import direct_step
+
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            cache[id(optimizer)] = (optimizer, direct_step(optimizer), params)
+        _, fast, params = cache[id(optimizer)]
+        return fast, params
+
+    # --- the state a checkpoint holds (collectives: called on every rank)
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   precision: Precision) -> dict[str, Any]:
+        """What this strategy needs to continue exactly: the plain model's parameters and
+        buffers, the optimizer and precision state, and every rank's RNG streams."""
+        return {"model": self.plain(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": precision.state_dict(), "rng": self.rng_state(),
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module,
+                        optimizer: torch.optim.Optimizer, precision: Precision) -> None:
+        """Inverse of :meth:`state_dict`, after :meth:`wrap` and :meth:`build_optimizer`.
+        A state that does not fit is a :class:`UsageError` (checkpoint.py adds the path)."""
+        try:
+            self.plain(model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines()]
+            why = next((ln for ln in lines if ln.startswith(("Missing key", "Unexpected key",
+                                                              "size mismatch"))), lines[0])
+            raise UsageError(f"its model does not fit ({why[:200]})") from None
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
+                             ) from None
+        precision.load_state_dict(state.get("scaler") or {})
+        self.load_rng_state(state["rng"])
+
+    def rng_state(self) -> dict[str, Any]:
+        """Every rank's CPU (and CUDA) generator state, gathered (a collective)."""
+        cuda = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else torch.empty(0, dtype=torch.uint8))
+        return {"cpu": self.all_gather_object(torch.get_rng_state()),
+                "cuda": self.all_gather_object(cuda)}
+
+    def load_rng_state(self, rng: dict[str, Any]) -> None:
+        """Each rank continues its own random stream (dropout) where it was saved."""
+        torch.set_rng_state(rng["cpu"][self.rank].cpu())
+        cuda = rng.get("cuda") or []
+        if self.device.type == "cuda" and len(cuda) == self.world_size and cuda[0].numel():
+            torch.cuda.set_rng_state(cuda[self.rank].cpu(), self.device)
+
     # --- collectives (called on EVERY rank)
     @property
     def is_main(self) -> bool:
@@ -75,6 +185,24 @@ class Strategy:
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Make every rank's buffers (BatchNorm statistics) equal to rank 0's."""
+
+    def main_only(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main rank only; every rank returns its result, or raises its
+        :class:`UsageError` -- so a refusal on rank 0 never leaves the others waiting."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UsageError as exc:
+                error = str(exc)
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise UsageError(error)
+        return result
+
+    def bn_statistics(self) -> str:
+        """Whose BatchNorm running statistics the saved model holds."""
+        return "single process" if self.world_size == 1 else "per process (rank 0's are kept)"
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "world_size": self.world_size, "backend": self.backend,

@@ -161,10 +161,16 @@ class DistributedDataParallel(Strategy):
         tdist.barrier()
 
     def sync_buffers(self, model: nn.Module) -> None:
-        # DDP broadcasts rank 0's buffers before each forward, so after the last step every
-        # other rank holds statistics updated by its own last batch: align them for eval/save.
+        # Buffers are not broadcast before each forward (forward_sync_buffers=False: training
+        # uses batch statistics), so every rank's running statistics follow its own batches:
+        # align them to rank 0's before evaluation and checkpoints.
         for buf in model.buffers():
             tdist.broadcast(buf, src=0)
+
+    def bn_statistics(self) -> str:
+        if self.options.sync_bn:
+            return "synchronized (SyncBatchNorm)"
+        return super().bn_statistics()
 
     def describe(self) -> dict[str, Any]:
         o = self.options

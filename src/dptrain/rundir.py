@@ -1,0 +1,88 @@
+"""The run directory: who may write into it, and the lock that keeps a second run out."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from dptrain.errors import UsageError
+
+RUN_MARKERS = ("summary.json", "checkpoints", "metrics.jsonl")
+
+
+def default_out() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def holds_run(out: Path) -> list[str]:
+    """The run outputs already in ``out`` (an empty ``metrics.jsonl`` is what a run that
+    failed before its first step leaves behind, and does not count)."""
+    return [m for m in RUN_MARKERS if (out / m).exists()
+            and not (m == "metrics.jsonl" and (out / m).stat().st_size == 0)]
+
+
+def check_out_dir(out: Path, resume: str) -> None:
+    """A new run never writes into another run's directory (it would mix their outputs).
+
+    ``resume``: ``""`` (a new run), ``auto`` (continue the run in ``out``) or a checkpoint
+    path, which belongs to the run directory it was written in: resuming from it may write
+    there, or into a new directory, never into a third, existing run."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if resume == "auto":
+        return
+    found = holds_run(out)
+    if not found:
+        return
+    if resume:
+        origin = run_of(Path(resume))
+        if origin is not None and origin.resolve() == out.resolve():
+            return
+        raise UsageError(f"--out {out} already holds another run ({', '.join(found)}); "
+                         f"resuming from {resume} writes into its own run directory or a new "
+                         "one: drop --out, or choose a new --out")
+    raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass "
+                     "--resume auto to continue it, or choose another --out")
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file lives in (``RUN/checkpoints/x.pt``), if any."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
+class OutDirLock:
+    """An exclusive lock on ``OUT/.dptrain.lock`` held by rank 0 for the whole run.
+
+    Two runs pointed at the same directory would interleave metrics and checkpoints; the
+    second one is refused instead. The kernel drops the lock when the holder dies, so an
+    elastic restart or a later ``--resume auto`` can take it again.
+    """
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.fh = (out / ".dptrain.lock").open("a+")
+        except OSError as exc:
+            raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}; choose a "
+                             "writable directory") from None
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "?"
+            self.fh.close()
+            raise UsageError(f"--out {out} is in use by another running dptrain (pid {holder}); "
+                             "wait for it or choose another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+
+    def release(self) -> None:
+        self.fh.close()
