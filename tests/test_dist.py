@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dptrain.dist import DistEnv, detect, expand_nodelist, loopback_ok, restart_count, tasks_per_node
+from dptrain.dist import (
+    DistEnv,
+    detect,
+    expand_nodelist,
+    loopback_ok,
+    restart_count,
+    tasks_per_node,
+)
 from dptrain.errors import UsageError
 
 

@@ -152,14 +152,24 @@ def _loopback_store(addr: str, port: int, timeout_s: int) -> tuple[Any, int]:
     """
     import torch.distributed as tdist
 
+    from dptrain import dist
+
     sock = _bind(addr, port)
+    try:
+        # with loopback down, the store would fail only after the rendezvous timeout (and
+        # then as "Bad file descriptor"); say so now, in one line
+        dist.check_loopback(addr)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     fd = sock.detach()  # the store's server owns the descriptor from here on
     try:
         store = tdist.TCPStore(addr, port, 1, True, datetime.timedelta(seconds=timeout_s),
                                wait_for_workers=False, multi_tenant=True, master_listen_fd=fd)
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # the store may have closed it already
+            os.close(fd)
         raise
     return store, port
 
@@ -183,7 +193,12 @@ def _agent_with_stop_grace(grace_s: int) -> Iterator[None]:
 
     class Agent(LocalElasticAgent):
         def _start_workers(self, worker_group: Any) -> dict[int, Any]:
-            pids = super()._start_workers(worker_group)
+            # the workers start with SIGINT blocked (the mask survives fork and exec): a
+            # Ctrl-C to the terminal's process group while they import torch stays pending
+            # until _WorkerMain, instead of a KeyboardInterrupt traceback from the middle of
+            # an import. A Ctrl-C meanwhile reaches the launcher right after the spawn.
+            with _sigint_blocked():
+                pids = super()._start_workers(worker_group)
             context = getattr(self, "_pcontext", None)
             if context is not None:
                 close = context.close
@@ -195,6 +210,7 @@ def _agent_with_stop_grace(grace_s: int) -> Iterator[None]:
                     finished = getattr(context, "_worker_finished_event", None)
                     if finished is not None:
                         finished.set()
+                    _stop_starting_workers(context)
                     close(death_sig, grace_s if timeout is None else timeout)
 
                 context.close = close_soon
@@ -219,6 +235,66 @@ def _agent_with_stop_grace(grace_s: int) -> Iterator[None]:
         yield
     finally:
         api.LocalElasticAgent = original
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread (and in the processes it starts meanwhile)."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    # Starting multiprocessing's resource tracker *unblocks* SIGINT afterwards (it blocks it
+    # around the tracker's own spawn); the first spawn starts it, so start it before we block.
+    from multiprocessing import resource_tracker
+
+    with contextlib.suppress(Exception):
+        resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _starting(pid: int) -> bool:
+    """Is worker ``pid`` still starting (SIGINT still blocked: not yet in _WorkerMain)?"""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigBlk:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _stop_starting_workers(context: Any) -> None:
+    """Workers still importing (SIGINT blocked) would hold a stop up until they are ready to
+    take it; they have nothing to save: SIGTERM ends them at once, quietly (no handler yet)."""
+    with contextlib.suppress(Exception):
+        for pid in context.pids().values():
+            if _starting(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+
+
+class _WorkerMain:
+    """A worker's entry point around ``fn``: SIGINT, blocked since the spawn (see
+    ``_start_workers``), is delivered from here on. One that arrived during start-up raises
+    KeyboardInterrupt now, which torch's worker wrapper swallows (the launcher reports the stop,
+    once); so does one mid-training. It stays unblocked: torch makes a worker whose launcher
+    died receive SIGINT."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        # torch's launcher and agent name the entry point in their events
+        self.__name__ = getattr(fn, "__name__", "worker")
+        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
+
+    def __call__(self, *args: Any) -> Any:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return self.fn(*args)
 
 
 @contextlib.contextmanager
@@ -268,11 +344,14 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from dptrain import dist
+
     store, env = None, {}
     if nnodes == 1:
         store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)
         env = _loopback_gloo_env()
     else:
+        dist.check_master_addr(master_addr, "--master-addr")
         if node_rank == 0:
             _check_port_free(master_port)
         port = master_port
@@ -298,7 +377,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with _agent_with_stop_grace(STOP_GRACE_S), _env(**env), _own_signal_handlers():
-            return elastic_launch(config, fn)(*args)
+            return elastic_launch(config, _WorkerMain(fn))(*args)
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:
