@@ -164,3 +164,72 @@ def test_failing_configuration_is_reported_not_dropped(tmp_path: Path) -> None:
     assert ddp["status"] == "failed" and ddp["repeats"] == []
     assert ddp["reason"].startswith("worker failed: RuntimeError: ")
     assert f"| ddp n=1 | failed: {ddp['reason']} |" in (out / "report.md").read_text()
+
+
+def test_flops_and_roofline_in_results(bench: tuple[Path, dict]) -> None:
+    out, results = bench
+    assert results["flops"]["forward_flops_per_sample"] == 2 * 784 * 10
+    assert results["flops"]["train_flops_per_sample"] == 3 * 2 * 784 * 10
+    roof = results["roofline"]
+    assert [r["precision"] for r in roof["rows"]] == ["fp32", "bf16"]
+    fp32 = roof["rows"][0]
+    assert fp32["peak_flops"] > 0 and fp32["run"] == "single n=1"
+    assert fp32["run_mfu"] == pytest.approx(
+        3 * 15680 * fp32["run_samples_per_s"] / fp32["peak_flops"])
+    report = (out / "report.md").read_text()
+    assert "## Roofline: achieved FLOP/s against this machine's peak" in report
+    assert "Model `linear`: 15,680 forward FLOPs per sample" in report
+    assert "Compute time per step behind each column:" in report
+    assert "*this machine's* compute time" in report  # no --target given
+
+
+def _usage(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run ``dptrain bench ARGV``: exit 2 and exactly one ``error:`` line, nothing else."""
+    assert command.main([*argv, "--out", "/nonexistent/never-created"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.out + captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--threads", "99999999999"], "--threads must be at most 1,024"),
+    (["--nproc", "999999"], "at most"),
+    (["--nproc", "1,2,100000"], "processes here"),
+    (["--batch-size", str(1 << 40)], "--batch-size must be at most"),
+    (["--repeats", "100000"], "--repeats must be at most 1,000"),
+    (["--seed", str(2**70)], "--seed must be at most"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--bucket-cap-mb", "nan"], "--bucket-cap-mb must be a positive number"),
+    (["--settle", "inf"], "--settle must be 0 to 3600"),
+    (["--target", "b200"], "unknown target 'b200'"),
+    (["--target", "v100:bf16"], "has no bf16"),
+    (["--target-mfu", "0.3"], "--target-mfu needs --target"),
+    (["--target", "h100", "--target-mfu", "1.5"], "--target-mfu must be in (0, 1]"),
+    (["--target", "h100", "--target-compute-ms", "2"], "give one of them"),
+    (["--target-compute-ms", "0"], "--target-compute-ms must be a positive"),
+])
+def test_bad_numbers_are_refused_at_once(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                         needle: str) -> None:
+    assert needle in _usage(capsys, *argv)
+
+
+def test_nproc_limit_names_the_machine() -> None:
+    from dptrain.bench import usable_cores
+
+    limit, what = command.nproc_limit("cpu")
+    assert limit == 4 * usable_cores() and f"{usable_cores()} usable core(s)" in what
+
+
+def test_every_configuration_failing_exits_non_zero(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert command.main(["--dataset", "synthetic", "--model", "myplugins:with_unused",
+                         "--strategies", "ddp", "--nproc", "1", "--steps", "2", "--warmup", "1",
+                         "--repeats", "1", "--baseline-steps", "0", "--no-plots",
+                         "--no-roofline", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "bench: no configuration ran (1 failed, 0 skipped or not run)" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["configurations"][0]["status"] == "failed" and results["roofline"] is None

@@ -132,3 +132,48 @@ def test_contention_factor() -> None:
 def test_prediction_error_sign() -> None:
     assert P.prediction_error(110.0, 100.0) == pytest.approx(10.0)
     assert P.prediction_error(90.0, 100.0) == pytest.approx(-10.0)
+
+
+def test_target_profiles_and_parsing() -> None:
+    assert set(P.TARGETS) == {"h100", "h200", "a100", "v100", "cpu-this"}
+    assert P.TARGETS["h100"].peak["bf16"] == 989.4e12 and "bf16" not in P.TARGETS["v100"].peak
+    assert P.parse_target("H100") == ("h100", None)
+    assert P.parse_target("a100:tf32") == ("a100", "tf32")
+    assert P.parse_target("cpu-this:bf16") == ("cpu-this", "bf16")  # peak measured later
+    for bad, needle in (("b200", "unknown target"), ("h100:int4", "unknown precision"),
+                        ("v100:bf16", "has no bf16")):
+        with pytest.raises(ValueError, match=needle):
+            P.parse_target(bad)
+
+
+def test_target_compute_from_flops() -> None:
+    # a big step: arithmetic decides. 1e12 FLOP per sample x 3 x 100 samples
+    big = P.target_compute(P.TARGETS["a100"], "bf16", train_flops_per_sample=3e12, batch=100,
+                           mfu=0.5)
+    assert big["compute_s"] == pytest.approx(3e14 / (312e12 * 0.5))
+    assert big["bound"] == "arithmetic" and big["train_flops_per_step"] == 3e14
+    assert "312 TFLOP/s x MFU 0.5" in big["source"]
+    # the DDP tutorial's convnet at batch 64 on an H100 is launch-bound, and says so
+    small = P.target_compute(P.TARGETS["h100"], "bf16", train_flops_per_sample=3 * 5_676_160,
+                             batch=64)
+    assert small["arithmetic_s"] == pytest.approx(3 * 5_676_160 * 64 / (989.4e12 * 0.35))
+    assert small["compute_s"] == P.GPU_FLOOR_S and small["bound"] == "launch floor"
+    assert "below the 0.2 ms launch floor" in small["source"]
+    with pytest.raises(ValueError, match="no bf16 peak"):
+        P.target_compute(P.TARGETS["v100"], "bf16", train_flops_per_sample=1, batch=1)
+    with pytest.raises(ValueError, match="MFU"):
+        P.target_compute(P.TARGETS["h100"], "bf16", train_flops_per_sample=1, batch=1, mfu=2)
+
+
+def test_target_compute_makes_communication_matter() -> None:
+    """The issue's point: with a GPU's compute time, the same links scale far worse."""
+    common = dict(data_s=0.0, batch=64, grad_bytes=116_136, bucket_cap_mb=25)
+    pcie = P.link_cost(P.STATED_LINKS[0])
+    cpu = P.scaling_table(compute_s=0.030, **common, cost=pcie)
+    gpu = P.scaling_table(compute_s=P.GPU_FLOOR_S, **common, cost=pcie)
+    assert cpu[-1]["efficiency"] > 0.9 > 0.5 > gpu[-1]["efficiency"]
+
+
+def test_assumptions_name_the_compute_source() -> None:
+    assert "this machine's 1-process compute" in P.describe_assumptions()[4]
+    assert "H100 says so" in P.describe_assumptions(target_source="H100 says so")[4]

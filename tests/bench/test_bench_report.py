@@ -139,3 +139,88 @@ def test_plots_from_summaries(configs: list[Config], tmp_path: Path) -> None:
     assert files == ["throughput.png", "efficiency.png", "breakdown.png", "memory.png",
                      "loss.png", "comm_busbw.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in files)
+
+
+def test_predictions_with_a_target(configs: list[Config]) -> None:
+    from dptrain.bench.analysis import target_for
+    from dptrain.bench.report import compute_sources, prediction_rows
+
+    fit = P.Fit(alpha_s=1e-5, beta_Bps=1e10, rel_rms=0.0, points=4)
+    target = target_for({"target": "a100:bf16", "batch_size": 64, "target_mfu": 0.5},
+                        forward_flops_per_sample=10**9)
+    assert target["compute_s"] == pytest.approx(3e9 * 64 / (312e12 * 0.5))
+    pred = predictions(configs, fit, cpu=False, bucket_cap_mb=25, target=target)
+    pcie = pred["links"]["PCIe 4.0 x16 (16 GB/s, 10 µs)"]
+    assert pcie["compute"]["compute_s"] == target["compute_s"] and pcie["compute"]["data_s"] == 0
+    comm = P.allreduce_time(GRAD, 2, 10e-6, 16e9)
+    assert pcie["rows"][1]["step_s"] == pytest.approx(target["compute_s"] + comm)
+    here = pred["links"]["measured link (this machine)"]
+    assert here["compute"]["compute_s"] == pytest.approx(0.0085)  # still this machine's
+    assert "measured on this machine: ddp n=1" in here["compute"]["source"]
+    lines = compute_sources(pred)
+    assert any(line.startswith("- **PCIe 4.0 x16") and "NVIDIA A100" in line and
+               "312 TFLOP/s x MFU 0.5" in line for line in lines)
+    assert not any("--target h100" in line for line in lines)
+    assert "Compute time per step behind each column:" in prediction_rows(pred)
+    # given directly
+    given = target_for({"target_compute_ms": 2.5, "batch_size": 64}, None)
+    assert given["compute_s"] == 0.0025 and "--target-compute-ms 2.5" in given["source"]
+    with pytest.raises(ValueError, match="--target-compute-ms instead"):
+        target_for({"target": "h100", "batch_size": 64}, None)
+    assert target_for({"batch_size": 64}, 100) is None
+
+
+def test_without_a_target_the_report_says_it_is_this_machine(configs: list[Config]) -> None:
+    from dptrain.bench.report import compute_sources
+
+    pred = predictions(configs, None, cpu=False, bucket_cap_mb=25)
+    assert pred["target"] is None
+    pcie = pred["links"]["PCIe 4.0 x16 (16 GB/s, 10 µs)"]["compute"]
+    assert pcie["compute_s"] == pytest.approx(0.0085) and pcie["data_s"] == pytest.approx(1e-3)
+    text = "\n".join(compute_sources(pred))
+    assert "*this machine's* compute time" in text and "--target h100" in text
+
+
+def test_cpu_this_target_uses_the_measured_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dptrain import hardware
+    from dptrain.bench.analysis import target_for
+
+    monkeypatch.setattr(hardware, "matmul_peak", lambda dtype, **kw: 1e11)
+    t = target_for({"target": "cpu-this", "batch_size": 10, "threads": 1}, 1000)
+    assert t["peak_flops"] == 1e11 and t["precision"] == "fp32" and t["mfu"] == 0.5
+    assert t["compute_s"] == pytest.approx(3000 * 10 / (1e11 * 0.5))
+
+
+def test_roofline_rows(configs: list[Config], monkeypatch: pytest.MonkeyPatch) -> None:
+    from dptrain.bench import analysis
+    from dptrain.bench.report import roofline_rows
+
+    monkeypatch.setattr(analysis, "_peak", lambda p: {"fp32": 1e11, "bf16": 3e11}[p])
+    monkeypatch.setattr(analysis, "micro_step_s", lambda model, batch, p, seconds: {
+        "step_s": {"fp32": 0.01, "bf16": 0.005}[p], "steps": 5, "note": None})
+    o = {"model": "convnet", "batch_size": 64, "threads": 2}
+    roof = analysis.roofline(configs, o, 5_676_160, seconds=0.1)
+    fp32, bf16 = roof["rows"]
+    train = 3 * 5_676_160
+    assert fp32["micro_samples_per_s"] == pytest.approx(6400)
+    assert fp32["micro_mfu"] == pytest.approx(train * 6400 / 1e11)
+    assert bf16["micro_mfu"] == pytest.approx(train * 12800 / 3e11)
+    base_sps = configs[0].summary["samples_per_s"]["mean"]  # ddp n=1: no single n=1 ran
+    assert fp32["run"] == "ddp n=1" and fp32["run_mfu"] == pytest.approx(train * base_sps / 1e11)
+    assert bf16["run"] is None
+    rows = roofline_rows(roof)
+    assert rows[0].startswith("Model `convnet`: 5,676,160 forward FLOPs per sample")
+    fp32_row = next(r for r in rows if r.startswith("| fp32 |"))
+    assert "| 100.00 | 6,400 | 108.98 | 109.0% |" in fp32_row
+    assert "(the bench trains in fp32)" in next(r for r in rows if r.startswith("| bf16 |"))
+    assert roofline_rows(None) == ["Roofline not measured (`--no-roofline`)."]
+    assert "could not be counted" in roofline_rows(analysis.roofline(configs, o, None))[0]
+
+
+def test_micro_step_is_timed_for_real() -> None:
+    from dptrain.bench.analysis import micro_step_s
+
+    r = micro_step_s("linear", 32, "fp32", seconds=0.5)
+    assert r["step_s"] > 0 and r["steps"] <= 30
+    # normally several steps; on a badly overloaded machine one, and then it says so
+    assert (r["steps"] >= 3) == (r["note"] is None)

@@ -33,6 +33,11 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.01, "device": "auto", "bucket_cap_mb": 25.0, "sizes": None, "iters": 20,
     "baseline_steps": 300,
 }
+# upper bounds: a value past them is a typo, and would fail in every worker instead of here
+MAXIMA: dict[str, int] = {"batch_size": 1 << 20, "steps": 10_000_000, "warmup": 1_000_000,
+                          "repeats": 1000, "threads": 1024, "seed": 2**63 - 1,
+                          "iters": 1_000_000, "baseline_steps": 10_000_000}
+TARGET_NAMES = ("h100", "h200", "a100", "v100", "cpu-this")
 QUICK: dict[str, Any] = {"steps": 30, "warmup": 3, "repeats": 2, "iters": 10,
                          "baseline_steps": 200}
 
@@ -85,6 +90,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         shown = f"default: {default}" + (f"; --quick: {quick}" if quick is not None else "")
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        metavar=name.upper(), help=f"{text} ({shown})")
+    p.add_argument("--target", default=None, metavar="NAME[:PRECISION]",
+                   help="predict the stated links (PCIe, NVLink, Ethernet) with this device's "
+                        "compute time, from the model's FLOPs and the device's peak x MFU: "
+                        f"{', '.join(TARGET_NAMES)}; precision fp32, tf32, bf16 or fp16 "
+                        "(default: none = this machine's measured compute)")
+    p.add_argument("--target-mfu", type=float, default=None, metavar="MFU",
+                   help="model FLOP utilisation assumed on --target, 0 < MFU <= 1 (default: "
+                        "the profile's, 0.35 on GPUs)")
+    p.add_argument("--target-compute-ms", type=float, default=None, metavar="MS",
+                   help="predict the stated links with this compute time per step instead "
+                        "(default: none)")
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the fp32/bf16 matmul peak and a training step in each, for "
+                        "the roofline table (a few seconds) (default: yes)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="dataset root (default: $DPTRAIN_DATA, else ./data)")
     p.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
@@ -114,8 +133,13 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
                       ("threads", 0), ("seed", 0), ("iters", 1), ("baseline_steps", 0)):
         if o[name] < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {o[name]}")
-    if not o["lr"] > 0 or not o["bucket_cap_mb"] > 0:
-        raise UsageError("--lr and --bucket-cap-mb must be positive numbers")
+        if o[name] > MAXIMA[name]:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {MAXIMA[name]:,}, got "
+                             f"{o[name]:,}")
+    for name, high in (("lr", 1e6), ("bucket_cap_mb", 1e6)):
+        if not (math.isfinite(o[name]) and 0 < o[name] <= high):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number up to "
+                             f"{high:g}, got {o[name]}")
     if o["device"] not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {o['device']!r} is not one of auto, cpu, cuda")
     if ":" not in o["model"] and o["model"] not in MODELS:
@@ -127,11 +151,39 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     o["strategies"] = _strategies(o["strategies"])
     o["nprocs"] = _nprocs(o.pop("nproc"), o["device"])
     o["sizes"] = parse_sizes(o["sizes"])
-    if not args.settle >= 0:
-        raise UsageError(f"--settle must be 0 or more seconds, got {args.settle}")
+    if not (math.isfinite(args.settle) and 0 <= args.settle <= 3600):
+        raise UsageError(f"--settle must be 0 to 3600 seconds, got {args.settle}")
     o["quick"], o["plots"], o["what"] = args.quick, args.plots, args.what
     o["settle"] = args.settle
+    o.update(_target_options(args))
     return o
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--target, --target-mfu, --target-compute-ms and --roofline, checked."""
+    from dptrain.bench.predict import parse_target
+
+    target = getattr(args, "target", None)
+    mfu = getattr(args, "target_mfu", None)
+    ms = getattr(args, "target_compute_ms", None)
+    if target is not None:
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            raise UsageError(f"--target {target!r}: {exc}") from None
+    if target is not None and ms is not None:
+        raise UsageError("--target and --target-compute-ms both set the stated links' compute "
+                         "time: give one of them")
+    if mfu is not None:
+        if target is None:
+            raise UsageError("--target-mfu needs --target NAME (the device it applies to)")
+        if not (math.isfinite(mfu) and 0 < mfu <= 1):
+            raise UsageError(f"--target-mfu must be in (0, 1], got {mfu}")
+    if ms is not None and not (math.isfinite(ms) and 0 < ms <= 1e7):
+        raise UsageError(f"--target-compute-ms must be a positive number of milliseconds, "
+                         f"got {ms}")
+    return {"target": target, "target_mfu": mfu, "target_compute_ms": ms,
+            "roofline": getattr(args, "roofline", True)}
 
 
 def _strategies(text: str) -> list[str]:
@@ -143,6 +195,21 @@ def _strategies(text: str) -> list[str]:
         raise UsageError(f"--strategies {text!r}: use a comma-separated list of "
                          f"{', '.join(STRATEGIES)}")
     return list(dict.fromkeys(names))
+
+
+def nproc_limit(device: str) -> tuple[int, str]:
+    """The most processes a bench may ask for here, and what that limit is."""
+    from dptrain.bench import usable_cores
+
+    cores = usable_cores()
+    limit, what = 4 * cores, f"4 x this machine's {cores} usable core(s)"
+    if device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > limit:
+            limit, what = gpus, f"this machine's {gpus} GPU(s)"
+    return limit, what
 
 
 def _nprocs(text: str, device: str) -> list[int]:
@@ -165,6 +232,10 @@ def _nprocs(text: str, device: str) -> list[int]:
         out.append(n)
     if not out:
         raise UsageError("--nproc is empty; give process counts like 1,2")
+    limit, what = nproc_limit(device)
+    if max(out) > limit:
+        raise UsageError(f"--nproc {text!r}: at most {limit} processes here ({what}); "
+                         "scaling beyond the machine is what the prediction table shows")
     return sorted(set(out))
 
 
@@ -265,7 +336,15 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
 
     from dptrain.bench import OtherLoad, cpu_busy, machine_info, wait_for_quiet
     from dptrain.bench import predict as P
-    from dptrain.bench.analysis import add_efficiency, comm_points, predictions, summarise
+    from dptrain.bench.analysis import (
+        add_efficiency,
+        comm_points,
+        forward_flops,
+        predictions,
+        roofline,
+        summarise,
+        target_for,
+    )
     from dptrain.bench.plan import plan_configs, rotated
     from dptrain.bench.report import throughput_rows, write_report
     from dptrain.launch import WorkerFailure
@@ -275,6 +354,13 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
     on_gpu = o["device"] != "cpu" and torch.cuda.is_available()
     if o["device"] == "cuda" and not on_gpu:
         raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
+    forward, flops_note = forward_flops(o["model"])
+    try:
+        target = target_for(o, forward)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if target is not None:
+        print(f"stated links predicted with {target['source']}", flush=True)
     _fetch_once(o)
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if on_gpu else 0
@@ -317,7 +403,10 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
     except ValueError as exc:
         fit_note = f"no cost-model fit: {exc}"
     pred = predictions(configs, fit, cpu=not on_gpu, bucket_cap_mb=o["bucket_cap_mb"],
-                       fit_note=fit_note)
+                       fit_note=fit_note, target=target)
+    roof = None
+    if o["roofline"]:
+        roof = roofline(configs, o, forward, seconds=0.5 if o["quick"] else 1.0)
     results = {
         "schema": "dptrain-bench/1",
         "options": {k: v for k, v in o.items() if k != "what"},
@@ -327,6 +416,10 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
         "comm": {"sweeps": sweeps, "skipped": sweep_skips,
                  "fit": fit.to_dict() if fit else None, "fit_note": fit_note},
         "prediction": pred,
+        "flops": {"forward_flops_per_sample": forward,
+                  "train_flops_per_sample": None if forward is None else 3 * forward,
+                  "note": flops_note or "training = 3 x forward (dptrain.flops)"},
+        "roofline": roof,
     }
     plots = None
     if o["plots"]:
@@ -341,6 +434,13 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
     print("\n" + "\n".join(throughput_rows(configs)))
     print(f"\nbench done in {results['wall_time_s']:.0f} s: {out / 'report.md'}, "
           f"{out / 'results.json'}", flush=True)
+    main_rows = [c for c in configs if c.role == "main"]
+    if not any(c.status == "ok" for c in main_rows):
+        failed = sum(c.status == "failed" for c in main_rows)
+        print(f"bench: no configuration ran ({failed} failed, {len(main_rows) - failed} "
+              f"skipped or not run): nothing was measured; the reasons are in "
+              f"{out / 'report.md'}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -216,8 +216,20 @@ def prediction_error(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured
 
 
-def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION) -> list[str]:
-    """The model's assumptions in words, for the report."""
+def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION,
+                         target_source: str | None = None) -> list[str]:
+    """The model's assumptions in words, for the report.
+
+    ``target_source`` says where the stated links' compute time comes from when it is not
+    this machine's (``--target`` / ``--target-compute-ms``).
+    """
+    stated = ("stated links: one device per process, each as fast as this machine's 1-process "
+              "compute (no contention) -- on GPUs compute is far shorter, so communication "
+              "weighs much more than these rows show: use --target or --target-compute-ms"
+              if target_source is None else
+              f"stated links: one device per process, compute per step from {target_source} "
+              "(no contention); data time 0 (device-resident batches: the gather is small "
+              "beside compute on a GPU, and is not modelled)")
     return [
         "all-reduce: ring algorithm, t = α·2(n−1) + S·2(n−1)/n / β (α per ring step, β per "
         "link); α, β fitted to the comm sweep by least squares on relative error",
@@ -228,10 +240,100 @@ def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION) -> list[s
         "they become ready, so only the communication ending after backward is exposed",
         "DDP buckets: bucket_cap_mb per bucket, the first one included (dptrain passes the cap "
         "explicitly)",
-        "stated links: one device per process, each as fast as this machine's 1-process "
-        "compute (no contention)",
+        stated,
         "measured link: per-process compute and data time at N as measured here; beyond the "
         "largest measured N on CPU, processes share the cores with the effective parallelism "
         "S fitted at that N (compute and data time ×max(1, N/S): once the cores are full, "
         "more processes add no throughput)",
     ]
+
+
+# ---------------------------------------------------------------------------- target devices
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device the stated-link predictions can assume instead of this machine's compute.
+
+    ``peak`` holds dense peak FLOP/s per precision (vendor datasheets, no sparsity); a
+    precision the device lacks is absent. ``mfu`` is the assumed model FLOP utilisation: the
+    share of the peak a training step reaches. ``floor_s`` is the least time a step can take
+    whatever its FLOPs: on a GPU, a step of a small model is bound by kernel launches (forward,
+    backward and optimizer are some tens of kernels of a few µs each), not by arithmetic.
+    """
+
+    name: str
+    description: str
+    peak: dict[str, float]
+    mfu: float
+    floor_s: float
+    default_precision: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "description": self.description, "peak_flops": self.peak,
+                "mfu": self.mfu, "floor_s": self.floor_s,
+                "default_precision": self.default_precision}
+
+
+GPU_MFU = 0.35  # large dense models on these GPUs train at 30-50 % MFU; small ones far lower
+GPU_FLOOR_S = 200e-6  # ~40 kernel launches x ~5 µs per training step
+TARGETS: dict[str, DeviceProfile] = {
+    "h100": DeviceProfile("h100", "NVIDIA H100 SXM (datasheet, dense)",
+                          {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12,
+                           "fp16": 989.4e12}, GPU_MFU, GPU_FLOOR_S, "bf16"),
+    "h200": DeviceProfile("h200", "NVIDIA H200 SXM (datasheet, dense; the H100's compute)",
+                          {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12,
+                           "fp16": 989.4e12}, GPU_MFU, GPU_FLOOR_S, "bf16"),
+    "a100": DeviceProfile("a100", "NVIDIA A100 SXM (datasheet, dense)",
+                          {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+                          GPU_MFU, GPU_FLOOR_S, "bf16"),
+    "v100": DeviceProfile("v100", "NVIDIA V100 SXM2 (datasheet; no bf16)",
+                          {"fp32": 15.7e12, "fp16": 125e12}, GPU_MFU, GPU_FLOOR_S, "fp16"),
+    # filled in by measure: this machine's matmul peak (dptrain.hardware) at the bench's threads
+    "cpu-this": DeviceProfile("cpu-this", "this machine's CPU (measured matmul peak)", {},
+                              0.5, 0.0, "fp32"),
+}
+
+
+def parse_target(text: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME:PRECISION`` -> (name, precision or None); raises ValueError."""
+    name, _, precision = text.strip().lower().partition(":")
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}: use one of {', '.join(TARGETS)}")
+    if precision and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} in {text!r}: use one of "
+                         f"{', '.join(PRECISIONS)}")
+    profile = TARGETS[name]
+    if precision and profile.peak and precision not in profile.peak:
+        raise ValueError(f"{profile.description} has no {precision}: use one of "
+                         f"{', '.join(profile.peak)}")
+    return name, precision or None
+
+
+def target_compute(profile: DeviceProfile, precision: str, *, train_flops_per_sample: float,
+                   batch: int, mfu: float | None = None) -> dict[str, object]:
+    """Compute seconds of one training step of ``batch`` samples on ``profile``.
+
+    ``max(batch x train FLOPs per sample / (peak x MFU), floor)``; the result names which of
+    the two decided, and every figure behind it.
+    """
+    peak = profile.peak.get(precision)
+    if peak is None or not peak > 0:
+        raise ValueError(f"{profile.name} has no {precision} peak")
+    use_mfu = profile.mfu if mfu is None else mfu
+    if not 0 < use_mfu <= 1:
+        raise ValueError(f"MFU must be in (0, 1], got {use_mfu}")
+    flops_step = train_flops_per_sample * batch
+    arithmetic = flops_step / (peak * use_mfu)
+    compute = max(arithmetic, profile.floor_s)
+    bound = "arithmetic" if arithmetic >= profile.floor_s else "launch floor"
+    return {"target": profile.name, "description": profile.description,
+            "precision": precision, "peak_flops": peak, "mfu": use_mfu,
+            "floor_s": profile.floor_s, "train_flops_per_step": flops_step,
+            "arithmetic_s": arithmetic, "compute_s": compute, "bound": bound,
+            "source": (f"{profile.description}, {precision}: {flops_step / 1e9:,.3g} GFLOP "
+                       f"per step / ({peak / 1e12:,.4g} TFLOP/s x MFU {use_mfu:g})"
+                       + (f" = {arithmetic * 1e3:.4g} ms, below the {profile.floor_s * 1e3:g}"
+                          " ms launch floor" if bound == "launch floor" else
+                          f" = {arithmetic * 1e3:.4g} ms"))}

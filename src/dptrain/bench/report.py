@@ -130,13 +130,32 @@ def baseline_rows(configs: list[Config]) -> list[str]:
     return rows
 
 
+def compute_sources(pred: dict[str, Any]) -> list[str]:
+    """Which compute time each prediction column uses, one bullet per link."""
+    lines = ["Compute time per step behind each column:", ""]
+    for name, link in pred["links"].items():
+        comp = link.get("compute")
+        if not comp:
+            continue
+        lines.append(f"- **{name}**: {comp['compute_s'] * 1e3:.4g} ms compute + "
+                     f"{comp['data_s'] * 1e3:.3g} ms data — {comp['source']}")
+    if pred.get("target") is None:
+        lines += ["", "The stated links use *this machine's* compute time: a GPU computes a "
+                  "step far faster, so there communication weighs much more than these rows "
+                  "show. Pass `--target h100` (or a100, h200, v100, cpu-this; `NAME:bf16` for "
+                  "a precision) or `--target-compute-ms MS` for a prediction of other "
+                  "hardware."]
+    return lines
+
+
 def prediction_rows(pred: dict[str, Any]) -> list[str]:
     if "skipped" in pred:
         return [f"Prediction skipped: {pred['skipped']}."]
     links = pred["links"]
     names = list(links)
     head = "| N | " + " | ".join(names) + " |"
-    rows = ["Each cell: predicted global samples/s, and efficiency in parentheses.", "", head,
+    rows = [*compute_sources(pred), "",
+            "Each cell: predicted global samples/s, and efficiency in parentheses.", "", head,
             "| ---: |" + " ---: |" * len(names)]
     for i, row in enumerate(links[names[0]]["rows"]):
         cells = [f"{links[n]['rows'][i]['samples_per_s']:,.0f} "
@@ -163,6 +182,43 @@ def validation_rows(pred: dict[str, Any]) -> list[str]:
                     f"{v['median_error_pct']:+.1f} % | {v['no_contention_step_s'] * 1e3:.2f} | "
                     f"{v['no_contention_error_pct']:+.1f} % | {v['measured_comm_s'] * 1e3:.2f}"
                     f" / {v['predicted_comm_s'] * 1e3:.2f} |")
+    return rows
+
+
+def _gflops(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e9:,.2f}"
+
+
+def roofline_rows(roof: dict[str, Any] | None) -> list[str]:
+    """The roofline table: achieved training FLOP/s against the measured matmul peak."""
+    if not roof:
+        return ["Roofline not measured (`--no-roofline`)."]
+    if "skipped" in roof:
+        return [f"Roofline skipped: {roof['skipped']}."]
+    rows = [f"Model `{roof['model']}`: {roof['forward_flops_per_sample']:,} forward FLOPs per "
+            f"sample (matmuls and convolutions, torch's FlopCounterMode), training = 3x = "
+            f"{roof['train_flops_per_sample']:,}; batch {roof['batch']}, "
+            f"{roof['threads']} thread(s).", "",
+            "| precision | matmul peak (GFLOP/s) | training step alone: samples/s | achieved "
+            "(GFLOP/s) | MFU | bench run | samples/s | achieved (GFLOP/s) | MFU |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in roof["rows"]:
+        note = f" ({r['micro_note']})" if r.get("micro_note") else ""
+        run = r["run"] or ("– (the bench trains in fp32)" if r["precision"] != "fp32" else "–")
+        run_sps = "–" if r["run_samples_per_s"] is None else f"{r['run_samples_per_s']:,.0f}"
+        run_mfu = "–" if r["run_mfu"] is None else f"{r['run_mfu']:.1%}"
+        rows.append(f"| {r['precision']} | {_gflops(r['peak_flops'])} | "
+                    f"{r['micro_samples_per_s']:,.0f}{note} | "
+                    f"{_gflops(r['micro_achieved_flops'])} | {r['micro_mfu']:.1%} | {run} | "
+                    f"{run_sps} | {_gflops(r['run_achieved_flops'])} | {run_mfu} |")
+    rows += ["", "*Matmul peak*: median rate of square matmuls (up to 2048²) at this thread "
+             "count, measured by `dptrain.hardware` (cached in ~/.cache/dptrain). *Training "
+             "step alone*: forward + backward + SGD on one prepared random batch (bf16 under "
+             "CPU autocast), median step, in the bench's parent process. *Bench run*: the "
+             "1-process configuration's throughput above (data loading included). MFU = "
+             "training FLOPs × samples/s / peak of that precision. On a CPU without native "
+             "bf16 (no AMX-BF16 / AVX512-BF16) bf16 is emulated and both its peak and its "
+             "step are far below fp32's."]
     return rows
 
 
@@ -215,6 +271,8 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         "torch and the dataset included). Same seed ⇒ the same initial model and data order: "
         "configurations with the same global batch should show the same loss (BatchNorm "
         "statistics are per process, so a model with BatchNorm differs slightly).", "",
+        "## Roofline: achieved FLOP/s against this machine's peak", "",
+        *roofline_rows(results.get("roofline")), "",
         "## DP vs DDP, measured", "", *dp_vs_ddp(configs), "",
         "## What the device-resident pipeline buys", "", *baseline_rows(configs), "",
         f"## All-reduce sweep ({', '.join(sorted({_path(s) for s in comm['sweeps']}))})",
