@@ -131,3 +131,67 @@ def test_segment_size_and_limits(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="contiguous CPU"):
         reducer.all_reduce_(torch.ones(4, 4).t())
     reducer.close()
+
+
+KILLED_RANK0 = """
+import sys, time
+from dptrain.strategies import shm
+
+def broadcast(path):  # rank 0 has created the segment: report it, then "die" in the window
+    print(path, flush=True)
+    time.sleep(60)
+
+shm.connect(0, 2, 60.0, None, required=False, broadcast=broadcast, gather=lambda f: [f])
+"""
+
+
+def _stale_segment() -> tuple[str, int]:
+    """A real rank 0 that creates the segment and is killed with SIGKILL before unlinking it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RANK0], stdout=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        path = proc.stdout.readline().strip()
+        assert path.startswith(os.path.join(shm.SHM_DIR, shm.PREFIX)), path
+        assert os.path.exists(path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    return path, proc.pid
+
+
+def test_segment_of_a_rank0_killed_before_unlink_is_swept_by_the_next_run():
+    path, pid = _stale_segment()
+    assert os.path.exists(path), "the kill landed in the window: the segment is left behind"
+    assert f"-{pid}-" in os.path.basename(path)  # the name carries its creator
+    # the next run's rank 0 on this host (here a one-rank job) removes it before creating its own
+    reducer, how = shm.connect(0, 1, 5.0, None, required=True, broadcast=lambda x: x,
+                               gather=lambda f: [f])
+    try:
+        assert how == "shm"
+        assert not os.path.exists(path)
+        assert not [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)
+                    and f"-{os.getpid()}-" in n], "the new segment was unlinked too"
+    finally:
+        reducer.close()
+
+
+def test_sweep_leaves_live_creators_and_other_files_alone(tmp_path):
+    mine = shm.segment_path(str(tmp_path))  # this (live) process created it
+    Path(mine).write_bytes(b"x")
+    ns = os.path.basename(mine).split("-")[2]
+    dead = tmp_path / f"{shm.PREFIX}{ns}-999999999-abc"  # no such pid
+    other_ns = tmp_path / f"{shm.PREFIX}1-999999999-abc"  # another pid namespace: unknowable
+    foreign = tmp_path / "dptrain-allreduce-notours"
+    for p in (dead, other_ns, foreign):
+        p.write_bytes(b"x")
+    assert shm.sweep_stale(str(tmp_path)) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [os.path.basename(mine), other_ns.name, foreign.name])

@@ -7,7 +7,9 @@ each ring step hands the data between several threads and sockets. For a small m
 gradients of a step fit in one bucket, so that latency is paid, unhidden, every step.
 
 How: rank 0 creates one file in ``/dev/shm``; every local rank maps it and rank 0 unlinks it at
-once (the mapping lives on; nothing is left behind, even after a crash). For each all-reduce
+once (the mapping lives on; nothing is left behind, even after a crash). The file's name carries
+rank 0's pid (and pid namespace): should rank 0 be killed in the short window between creating
+and unlinking it, the next run's rank 0 on that host removes it (:func:`sweep_stale`). For each all-reduce
 every rank copies its tensor into its own slot, publishes a sequence number, waits until every
 rank has published the same number, then sums the slots into its tensor, all ranks the same way
 in a fixed order (``torch.sum`` over the rank dimension), so every rank computes bitwise the
@@ -31,6 +33,7 @@ import contextlib
 import mmap
 import os
 import platform
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -62,6 +65,47 @@ def supported() -> str | None:
     if not (os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)):
         return f"{SHM_DIR} is not a writable directory"
     return None
+
+
+PREFIX = "dptrain-allreduce-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[0-9a-f]+")
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (its inode): a pid means something only within it."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def segment_path(directory: str = SHM_DIR) -> str:
+    """A fresh segment name naming its creator: ``dptrain-allreduce-<pidns>-<pid>-<random>``."""
+    return os.path.join(directory, f"{PREFIX}{_pid_namespace()}-{os.getpid()}-"
+                                   f"{uuid.uuid4().hex[:16]}")
+
+
+def sweep_stale(directory: str = SHM_DIR) -> list[str]:
+    """Remove the segments whose creator is dead (it was killed before it could unlink its
+    file); only names this module makes, only creators in our pid namespace. Returns the paths
+    removed."""
+    ns, removed = _pid_namespace(), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m is None or m.group(1) != ns:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 def slot_bytes(world_size: int) -> int:
@@ -210,7 +254,8 @@ def connect(rank: int, world_size: int, timeout_s: float, blocker: str | None, *
     reducer, failure, path = None, blocker, None
     try:
         if rank == 0 and blocker is None:  # create (and size) the file before others open it
-            path = os.path.join(SHM_DIR, f"dptrain-allreduce-{uuid.uuid4().hex}")
+            sweep_stale()  # segments of runs whose rank 0 was killed before it could unlink
+            path = segment_path()
             try:
                 reducer = ShmAllReduce(path, 0, world_size, timeout_s)
             except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
