@@ -54,6 +54,7 @@ def test_python_without_torch_fails_cleanly(tmp_path: Path):
     assert r.returncode == 2 and r.stderr.startswith("error: no CUDA GPU is visible to torch")
 
 
+@pytest.mark.slow  # imports torch in two interpreters: ~5-15 s
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None,
                     reason="a GPU machine: without PYTHON the script would build a CUDA venv")
 def test_no_gpu_at_all_fails_cleanly(tmp_path: Path):
