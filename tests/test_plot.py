@@ -130,11 +130,57 @@ def test_dir_without_metrics(tmp_path):
 def test_malformed_line_reports_file_and_line_number(tmp_path):
     run = write_run(tmp_path / "r", training_records(4, 1))
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "epoch": 0, "loss": 0.3')  # cut off mid-write
+        f.write('{"step": 5, "epoch": 0, "loss": 0.3\n')  # a whole line, but not JSON
+        f.write('{"step": 6, "epoch": 0, "loss": 0.2}\n')
     n_lines = len((run / "metrics.jsonl").read_text().splitlines())
-    with pytest.raises(UsageError, match=rf"metrics\.jsonl:{n_lines}: not valid JSON"):
+    with pytest.raises(UsageError, match=rf"metrics\.jsonl:{n_lines - 1}: not valid JSON"):
         plot.cmd_plot(namespace(run))
     assert not (run / "curves.png").exists()
+
+
+def test_record_cut_off_mid_write_is_skipped_with_a_warning(tmp_path, capsys):
+    run = write_run(tmp_path / "r", training_records(4, 1))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "epoch": 0, "loss": 0.3')  # cut off mid-write: no end of line
+    before = (run / "metrics.jsonl").read_bytes()
+    warnings: list[str] = []
+    records = plot.read_metrics(run, warn=warnings.append)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4]
+    n_lines = len(before.decode().splitlines())
+    assert warnings == [f"{run / 'metrics.jsonl'}:{n_lines}: skipped a record cut off mid-write "
+                        "(no end of line)"]
+    plot.cmd_plot(namespace(run))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "error:" not in err
+    assert png_size(run / "curves.png")[0] > 0
+    assert (run / "metrics.jsonl").read_bytes() == before  # never repaired behind the user's back
+
+
+def test_resume_appended_onto_a_cut_off_record(tmp_path):
+    run = write_run(tmp_path / "r", training_records(4, 1))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "epoch": 0, "lo')  # cut off; then a resume appends
+        f.write('{"step": 5, "epoch": 0, "loss": 0.25}\n{"step": 6, "epoch": 0, "loss": 0.2}\n')
+    warnings: list[str] = []
+    steps, values = plot.series(plot.read_metrics(run, warn=warnings.append), "loss")
+    assert steps == [1, 2, 3, 4, 5, 6] and values[-2:] == [0.25, 0.2]
+    assert len(warnings) == 1 and "a resumed run appended after it" in warnings[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"step": 1, "loss": 1}\n{"step": 2, "lo\n{"step": 3, "loss": 1}\n',
+     r"metrics\.jsonl:2: not valid JSON"),  # cut off, but the line ended: damage, not a cut
+    ('{"step": 1, "loss": 1}\n{"step": 2, "x": {"a": 1}\n{"step": 3, "loss": 1}\n',
+     r"metrics\.jsonl:2: not valid JSON"),
+    ('{"step": 1, "loss": 1}\ngarbage', r"metrics\.jsonl:2: not valid JSON"),
+    ('{"step": 1, "lo', r"holds only a record cut off mid-write"),
+])
+def test_garbage_is_still_refused(tmp_path, content, message):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(content)
+    with pytest.raises(UsageError, match=message):
+        plot.read_metrics(run, warn=lambda m: None)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,11 +84,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _resumed_after_cut(line: str) -> dict[str, Any] | None:
+    """``{"step": 5, "lo{"step": 6, ...}``: a record cut off mid-write, then a whole one that
+    a resumed run appended. Returns the whole one, or ``None`` if the line is not that."""
+    if not line.startswith("{"):
+        return None
+    decoder = json.JSONDecoder()
+    start = line.find('{"', 1)
+    while start > 0:
+        try:
+            record, end = decoder.raw_decode(line, start)
+        except json.JSONDecodeError:
+            record, end = None, -1
+        if isinstance(record, dict) and "step" in record and end == len(line.rstrip()):
+            return record
+        start = line.find('{"', start + 1)
+    return None
+
+
+def read_metrics(run_dir: Path, warn: Callable[[str], Any] = _warn) -> list[dict[str, Any]]:
     """Read and check ``RUN_DIR/metrics.jsonl``.
+
+    A record cut off mid-write (a run killed or out of disk while logging) is skipped with a
+    warning: as the last line of the file (it has no end of line), or followed on its line by
+    what a resumed run appended. Any other damage is an error; the file is never changed.
 
     Args:
         run_dir: A run directory written by ``dptrain train``.
+        warn: Called with each warning (default: ``warning: ...`` on stderr).
 
     Returns:
         The records in file order.
@@ -112,7 +141,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path} ({exc}); check the file") from None
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         where = f"{path}:{lineno}"
         if not line.strip():
             raise UsageError(
@@ -122,10 +152,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(
-                f"{where}: not valid JSON ({exc.msg}); the run may have been cut "
-                "off mid-write: delete or fix that line"
-            ) from None
+            last = lineno == len(lines) and not text.endswith("\n")
+            if last and line.lstrip().startswith("{"):
+                # the run was cut off mid-write (killed, disk full): the line never ended
+                warn(f"{where}: skipped a record cut off mid-write (no end of line)")
+                continue
+            tail = _resumed_after_cut(line)
+            if tail is not None:
+                # a cut-off record, then the records a resume appended on the same line
+                warn(f"{where}: skipped the start of a record cut off mid-write (a resumed "
+                     "run appended after it)")
+                record = tail
+            else:
+                raise UsageError(
+                    f"{where}: not valid JSON ({exc.msg}); the file is damaged: delete or "
+                    "fix that line"
+                ) from None
         if not isinstance(record, dict):
             raise UsageError(
                 f"{where}: expected a JSON object, got {type(record).__name__}; "
@@ -135,6 +177,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(step, bool) or not isinstance(step, int):
             raise UsageError(f"{where}: no integer 'step' (got {step!r}); delete or fix that line")
         records.append(record)
+    if not records and lines:
+        raise UsageError(
+            f"{path} holds only a record cut off mid-write: the run logged no complete "
+            "metrics yet (train longer or lower --log-every)"
+        )
     if not records:
         raise UsageError(
             f"{path} is empty: the run logged no metrics (train longer or lower --log-every)"
