@@ -93,3 +93,55 @@ def test_a_pickle_that_runs_code_is_refused_and_not_run(tmp_path: Path, monkeypa
     with pytest.raises(UsageError, match="not allowed with weights_only=True"):
         load(p)
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- complete and consistent
+def _broken(mutate) -> dict:
+    s = {"format": checkpoint.FORMAT, **state(2)}
+    mutate(s)
+    return s
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: s.pop("position"), "no 'position'"),
+    (lambda s: s.pop("optimizer"), "no 'optimizer'"),
+    (lambda s: s.pop("rng"), "no 'rng'"),
+    (lambda s: s.update(model=[1, 2]), "not a state dict"),
+    (lambda s: s.update(optimizer={"state": {}, "param_groups": "x"}), "optimizer state dict"),
+    (lambda s: s["position"].update(step=-1), "non-negative integers"),
+    (lambda s: s["position"].update(epoch=1.5), "non-negative integers"),
+    (lambda s: s.update(rng={"cpu": []}), "generator states"),
+    (lambda s: s["model"].update(w=torch.tensor([float("nan")])), "NaN"),
+])
+def test_incomplete_or_inconsistent_checkpoints_are_refused(tmp_path, mutate, message):
+    path = tmp_path / "c.pt"
+    torch.save(_broken(mutate), path)
+    with pytest.raises(UsageError, match=message):
+        load(path)
+
+
+def test_resume_auto_falls_back_past_an_unusable_newest_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path, is_main=True)
+    ck.save(state(1), 1)
+    torch.save(_broken(lambda s: s.pop("rng")), tmp_path / "step-00000002.pt")
+    warnings = []
+    path, found = ck.latest_good(warn=warnings.append)
+    assert path.name == "step-00000001.pt" and found["position"]["step"] == 1
+    assert "no 'rng'" in warnings[0]
+
+
+def test_positions_are_checked_against_the_run_being_resumed():
+    s = state(8)  # step 8 = step_in_epoch 8 of epoch 0
+    assert checkpoint.check_position(s, "p", total_steps=20, steps_per_epoch=10).step == 8
+    with pytest.raises(UsageError, match="beyond this run's 5 steps"):
+        checkpoint.check_position(s, "p", total_steps=5, steps_per_epoch=10)
+    with pytest.raises(UsageError, match="dataset or batch changed"):
+        checkpoint.check_position(s, "p", total_steps=20, steps_per_epoch=4)
+
+
+def test_another_optimizer_is_refused_by_name():
+    from dptrain.config import TrainConfig
+
+    saved = {**state(1), "config": TrainConfig(optimizer="adam").to_dict()}
+    with pytest.raises(UsageError, match="optimizer='adam'"):
+        checkpoint.check_compatible(saved, TrainConfig(optimizer="sgd"), "p", 1)

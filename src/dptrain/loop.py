@@ -39,11 +39,6 @@ class LoopResult:
     stopped_by_signal: bool = False
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TrainStep:
     """One optimizer step, exactly as training runs it (the bench harness times this too):
     set the step's learning rate, the strategy's forward/backward over the micro-batches,
@@ -89,8 +84,8 @@ class StopRequest:
 class Stopwatch:
     """Training time excluding warm-up (the first step), evaluation and checkpoints."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, synchronize: Callable[[], None]) -> None:
+        self.synchronize = synchronize  # the strategy's: waits for the device's queued work
         self.elapsed = 0.0
         self.samples = 0
         self.steps = 0
@@ -99,7 +94,7 @@ class Stopwatch:
 
     def after_step(self, samples: int) -> None:
         if not self._started:  # the first step (allocation, kernel selection) is warm-up
-            synchronize(self.device)
+            self.synchronize()
             self._started = True
             self._start = time.perf_counter()
             return
@@ -114,7 +109,7 @@ class Stopwatch:
     @contextlib.contextmanager
     def paused(self) -> Any:
         if self._start is not None:
-            synchronize(self.device)
+            self.synchronize()
             self.elapsed += time.perf_counter() - self._start
             self._start = None
         try:
@@ -125,7 +120,7 @@ class Stopwatch:
 
     def stop(self) -> None:
         if self._start is not None:
-            synchronize(self.device)
+            self.synchronize()
             self.elapsed += time.perf_counter() - self._start
             self._start = None
 
@@ -192,7 +187,7 @@ class Trainer:
                 f"{self.strategy.world_size} processes x accum {cfg.accum}) is larger than "
                 f"the training split ({len(loader)} samples); lower --batch-size")
         result = LoopResult()
-        timer = Stopwatch(self.device)
+        timer = Stopwatch(self.strategy.synchronize)
         self.last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
         self.step.model.train()
         self.window_start, self.n_losses = pos.step, 0

@@ -146,6 +146,9 @@ class Run:
         splits = load_splits(self.cfg.dataset, self.cfg.data_root, log=self.reporter.info)
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.float32)
+        extra = B.float_dtypes((splits.train_x, splits.test_x)) - {self.float_dtype}
+        if extra and not splits.is_dataset:
+            self._warn_cast(extra)
         if splits.is_dataset:
             self.prepare = _BatchPreparer(self.objective, self.float_dtype, self._warn_cast)
         else:
@@ -166,10 +169,7 @@ class Run:
         return splits
 
     def _cast(self, x: Any) -> Any:
-        if B.float_dtypes(x) - {self.float_dtype}:
-            self._warn_cast(B.float_dtypes(x))
-            return B.cast_floats(x, self.float_dtype)
-        return x
+        return B.cast_floats(x, self.float_dtype)
 
     def _warn_cast(self, dtypes: set[torch.dtype]) -> None:
         self.reporter.warning(f"the dataset's inputs are {', '.join(sorted(map(str, dtypes)))}; "
@@ -203,7 +203,7 @@ class Run:
         path = self.strategy.main_only(locate)
         if path is None:
             return None
-        state = self.opened.pop(path) if self.strategy.is_main else ck.load(Path(path))
+        state = self.opened.pop(path, None) or ck.load(Path(path))  # opened on the main rank
         ck.check_compatible(state, self.cfg, path, self.strategy.world_size)
         ck.check_position(state, path, total, steps_per_epoch)
         return path, state

@@ -142,6 +142,9 @@ def plugin_dataset(spec: str) -> Splits:
         raise UsageError(f"--dataset {spec!r}: the factory must return four items "
                          "(train_x, train_y, test_x, test_y) or two Datasets")
     tx, ty, vx, vy = result
+    # HuggingFace style: the inputs dict carries the labels (for the model's own loss)
+    ty = tx.get("labels") if ty is None and isinstance(tx, dict) else ty
+    vy = vx.get("labels") if vy is None and isinstance(vx, dict) else vy
     for x, y, split in ((tx, ty, "train"), (vx, vy, "test")):
         if not B.leaves(x):
             raise UsageError(f"--dataset {spec!r}: {split}_x must be a tensor or a "

@@ -183,6 +183,11 @@ class Strategy:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on this process's device (timing)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def sync_buffers(self, model: nn.Module) -> None:
         """Make every rank's buffers (BatchNorm statistics) equal to rank 0's."""
 

@@ -1,0 +1,89 @@
+"""The resolved plan: every rule about strategies, devices, processes and sizes, checked once
+against injected hardware (no GPU or process group needed)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from dptrain.config import TrainConfig
+from dptrain.dist import DistEnv
+from dptrain.errors import UsageError
+from dptrain.plan import Hardware, make_plan
+
+CPU2 = Hardware(cuda=False, gpus=0, cores=2)
+GPU4 = Hardware(cuda=True, gpus=4, cores=32)
+ALONE = DistEnv()
+TORCHRUN = DistEnv(rank=1, world_size=4, local_rank=1, local_world_size=2, source="torchrun")
+
+
+def plan(hw: Hardware = CPU2, env: DistEnv = ALONE, **values):
+    return make_plan(TrainConfig(**values).validate(), env, hw)
+
+
+def test_defaults_run_single_in_process_with_every_core():
+    p = plan()
+    assert (p.strategy, p.launch, p.nproc, p.world_size, p.device, p.backend, p.threads) == (
+        "single", "inprocess", 1, 1, "cpu", "none", 2)
+
+
+def test_auto_is_ddp_with_several_processes_and_sizes_are_named_by_scope():
+    p = plan(nproc="2", batch_size=16, accum=3)
+    assert (p.strategy, p.launch, p.backend, p.threads) == ("ddp", "workers", "gloo", 1)
+    assert p.batch_per_process == 16 and p.samples_per_step == 16 * 2 * 3
+    assert plan(nproc="auto").nproc == 2
+    assert plan(GPU4, nproc="auto").nproc == 4
+    assert plan(GPU4, nproc="auto").backend == "nccl"
+
+
+def test_an_external_launcher_decides_the_processes():
+    p = plan(env=TORCHRUN)
+    assert (p.launch, p.strategy, p.nproc, p.nnodes, p.world_size) == ("external", "ddp", 2, 2,
+                                                                          4)
+    with pytest.raises(UsageError, match="ONE process"):
+        plan(env=TORCHRUN, strategy="single")
+
+
+@pytest.mark.parametrize(("hw", "values", "message"), [
+    (CPU2, {"device": "cuda"}, "no CUDA GPU is visible"),
+    (CPU2, {"strategy": "dp"}, "dp needs CUDA GPUs"),
+    (GPU4, {"strategy": "dp", "device": "cpu"}, "dp needs CUDA GPUs"),
+    (GPU4, {"strategy": "dp", "nproc": "2"}, "ONE process"),
+    (CPU2, {"strategy": "single", "nproc": "2"}, "ONE process"),
+    (CPU2, {"strategy": "single", "nnodes": 2, "master_port": 29500}, "ONE process"),
+    (CPU2, {"backend": "nccl"}, "--backend nccl needs CUDA"),
+    (CPU2, {"precision": "16"}, "--precision 16"),
+    (CPU2, {"nproc": "999999"}, "more than this node can run"),
+    (GPU4, {"nproc": "5"}, "4 GPU"),
+    (CPU2, {"sync_bn": True}, "--sync-bn"),
+    (CPU2, {"out": "x" * 300}, "255"),
+])
+def test_each_rule_lives_in_the_plan(hw, values, message):
+    with pytest.raises(UsageError, match=message):
+        plan(hw, **values)
+
+
+def test_threads_divide_the_cores_and_an_explicit_value_wins():
+    assert plan(Hardware(cores=8), nproc="4").threads == 2
+    assert plan(Hardware(cores=8), nproc="4", threads=3).threads == 3
+    assert plan(Hardware(cores=1), nproc="2").threads == 1  # never 0
+
+
+def test_one_process_ddp_gets_a_private_environment():
+    p = plan(strategy="ddp")
+    assert p.launch == "inprocess" and p.world_size == 1
+    assert p.worker_env(ALONE).source == "local"
+    assert p.worker_env(TORCHRUN) is TORCHRUN
+    assert plan().worker_env(ALONE) is ALONE
+
+
+def test_the_plan_travels_to_workers_whole():
+    p = plan(nproc="2", model="convnet", lr=0.5).with_out("runs/x")
+    back = pickle.loads(pickle.dumps(p))
+    assert back == p and back.cfg.lr == 0.5 and back.cfg.out == "runs/x"
+
+
+def test_builtin_datasets_are_fetched_once_before_the_workers():
+    assert plan(dataset="mnist").fetch
+    assert not plan(dataset="synthetic").fetch

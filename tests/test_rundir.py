@@ -1,0 +1,49 @@
+"""Who may write into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dptrain.errors import UsageError
+from dptrain.rundir import check_out_dir, run_of
+
+
+def make_run(path: Path) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "summary.json").write_text("{}")
+    (path / "checkpoints" / "last.pt").write_bytes(b"x")
+    return path / "checkpoints" / "last.pt"
+
+
+def test_new_and_empty_directories_are_free(tmp_path):
+    check_out_dir(tmp_path / "new", "")
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty", "")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "metrics.jsonl").write_text("")
+    check_out_dir(tmp_path / "failed", "")
+
+
+def test_an_existing_run_needs_resume_auto(tmp_path):
+    make_run(tmp_path / "a")
+    with pytest.raises(UsageError, match="already holds a run"):
+        check_out_dir(tmp_path / "a", "")
+    check_out_dir(tmp_path / "a", "auto")
+
+
+def test_resume_path_writes_into_its_own_run_or_a_new_one_never_a_third(tmp_path):
+    ckpt = make_run(tmp_path / "a")
+    make_run(tmp_path / "b")
+    assert run_of(ckpt) == tmp_path / "a"
+    check_out_dir(tmp_path / "a", str(ckpt))
+    check_out_dir(tmp_path / "fresh", str(ckpt))
+    with pytest.raises(UsageError, match="already holds another run"):
+        check_out_dir(tmp_path / "b", str(ckpt))
+
+
+def test_a_file_in_the_way_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="not a directory"):
+        check_out_dir(tmp_path / "f", "")
