@@ -107,3 +107,19 @@ def test_models_flops_per_sample_delegates():
         model = build_model(name)
         assert flops_per_sample(model) == flops.model_flops_per_sample(
             model, torch.zeros(1, 1, 28, 28))
+
+
+def test_summary_fields(monkeypatch):
+    from dptrain import hardware
+
+    asked = []
+    monkeypatch.setattr(hardware, "matmul_peak", lambda name, device: asked.append(name) or 1e10)
+    f = flops.summary_fields(nn.Linear(784, 10), torch.zeros(4, 784), samples_per_s=2000.0,
+                             world_size=2, precision="bf16")
+    assert asked == ["bf16"]
+    assert f["model_flops_per_sample"] == 15680 and f["train_flops_per_sample"] == 47040
+    assert f["peak_flops"] == 1e10 and f["peak_precision"] == "bf16"
+    assert f["mfu"] == pytest.approx(47040 * 1000 / 1e10)  # per device: 2000 / 2 processes
+    assert flops.summary_fields(nn.Linear(784, 10), torch.zeros(4, 784), samples_per_s=None,
+                                world_size=1, precision="32")["mfu"] is None
+    assert asked[-1] == "fp32"

@@ -141,3 +141,41 @@ def mfu(flops_per_sample_train: float, samples_per_s: float, peak_flops: float) 
 def achieved_flops(flops_per_sample_train: float, samples_per_s: float) -> float:
     """Training FLOP/s achieved: FLOPs per sample x samples/s."""
     return flops_per_sample_train * samples_per_s
+
+
+def summary_fields(model: nn.Module, example_batch_input: Any, *, samples_per_s: float | None,
+                   world_size: int, precision: str, device: torch.device | str = "cpu",
+                   call: Call = "auto") -> dict[str, Any]:
+    """What ``summary.json`` reports about FLOPs: per-sample counts, the peak used and MFU.
+
+    Call it on rank 0 after training (the peak is measured there, ~1 s the first time on a
+    machine, then cached: :func:`dptrain.hardware.matmul_peak`), with the *unwrapped* model.
+
+    Args:
+        model: The trained model (not the DDP/DP wrapper).
+        example_batch_input: One input batch as the model takes it (:func:`call_model`).
+        samples_per_s: Global training throughput (``train_samples_per_s``); None = unknown.
+        world_size: Processes (devices) that throughput was shared by.
+        precision: ``--precision`` (``32``, ``bf16``, ``16``): picks the peak.
+        device: The training device (a CUDA device measures the GPU's peak).
+        call: How to call the model (:func:`call_model`).
+
+    Returns:
+        ``model_flops_per_sample`` (forward), ``train_flops_per_sample`` (3x), ``peak_flops``
+        (per device, measured for ``precision``), ``peak_precision``, ``peak_threads``, and
+        ``mfu`` = train FLOPs x samples/s per device / peak (None when unknown).
+    """
+    from dptrain import hardware
+
+    forward = model_flops_per_sample(model, example_batch_input, call=call)
+    train = train_flops_per_sample(forward)
+    dev = torch.device(device)
+    name = {"32": "fp32", "bf16": "bf16", "16": "fp16"}.get(str(precision), str(precision))
+    if dev.type == "cpu" and name == "fp16":
+        name = "fp32"  # fp16 autocast is CUDA-only in dptrain
+    peak = hardware.matmul_peak(name, device=dev)
+    per_device = samples_per_s / world_size if samples_per_s and world_size > 0 else None
+    return {"model_flops_per_sample": forward, "train_flops_per_sample": train,
+            "peak_flops": peak, "peak_precision": name,
+            "peak_threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "mfu": mfu(train, per_device, peak) if per_device is not None else None}
