@@ -282,8 +282,8 @@ class _WorkerMain:
     """A worker's entry point around ``fn``: SIGINT, blocked since the spawn (see
     ``_start_workers``), is delivered from here on. One that arrived during start-up raises
     KeyboardInterrupt now, which torch's worker wrapper swallows (the launcher reports the stop,
-    once); so does one mid-training. It stays unblocked: torch makes a worker whose launcher
-    died receive SIGINT."""
+    once); so does one mid-training. It stays deliverable afterwards (torch makes a worker whose
+    launcher died receive SIGINT), but then ends the process without a traceback."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -294,7 +294,18 @@ class _WorkerMain:
     def __call__(self, *args: Any) -> Any:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        return self.fn(*args)
+        try:
+            return self.fn(*args)
+        finally:
+            # A Ctrl-C comes twice (the terminal's to the whole group, then the agent's
+            # forward): one landing after the function, outside torch's wrapper, would print
+            # a traceback. From here on SIGINT ends the worker at once, quietly.
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                signal.signal(signal.SIGINT, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
