@@ -31,6 +31,7 @@ from dptrain.objective import Objective
 from dptrain.optim import lr_at, scaled_lr
 from dptrain.plan import Plan
 from dptrain.precision import Precision
+from dptrain.profiling import StepProfiler
 from dptrain.rundir import OutDirLock, check_out_dir, default_out
 
 __all__ = ["Run", "default_out", "train"]
@@ -123,12 +124,33 @@ class Run:
                            f"({self.objective.task}), global batch {loader.samples_per_step}, "
                            f"lr {peak_lr:g}, {total} steps ({loader.steps_per_epoch}/epoch)")
         self.reporter.start_progress(total, pos.step)
-        result = trainer.run(pos)
+        with StepProfiler(Path(cfg.out) / "profile", cfg.profile, active=strategy.is_main,
+                          device=self.device, log=self.reporter.info) as profiler:
+            trainer.on_step = lambda _step: profiler.step()
+            result = trainer.run(pos)
         self.finish(result, pos)
         summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
                                 loader.samples_per_step, peak_lr, found and found[0])
+        summary.update(self.flops(summary["train_samples_per_s"]))
         self.reporter.summary(summary)
         return summary
+
+    def flops(self, samples_per_s: float | None) -> dict[str, Any]:
+        """Model FLOPs per sample, the measured peak for this precision and the MFU
+        (counted and measured on the main rank, shared with the others)."""
+        from dptrain.flops import summary_fields
+
+        def count() -> dict[str, Any]:
+            try:
+                return summary_fields(self.strategy.plain(self.model), self.example_inputs,
+                                      samples_per_s=samples_per_s,
+                                      world_size=self.strategy.world_size,
+                                      precision=self.cfg.precision, device=self.device)
+            except Exception as exc:  # noqa: BLE001 - a model FLOP counting cannot trace
+                self.reporter.warning(f"FLOPs not counted ({type(exc).__name__}: {exc})")
+                return {"model_flops_per_sample": None, "mfu": None}
+
+        return self.strategy.main_only(count)
 
     # ------------------------------------------------------------------ data and model
     def build_model(self) -> torch.nn.Module:
@@ -164,8 +186,8 @@ class Run:
                              "inputs are not: drop --augment")
         splits = splits.to(self.device)
         self.normalize = Normalizer(splits.mean, splits.std, self.memory_format)
-        _dry_run(model, splits, self.objective, self.normalize, self.prepare, self.device,
-                 self.cfg)
+        self.example_inputs = _dry_run(model, splits, self.objective, self.normalize,
+                                       self.prepare, self.device, self.cfg)
         return splits
 
     def _cast(self, x: Any) -> Any:
@@ -277,7 +299,7 @@ class _BatchPreparer:
 
 
 def _dry_run(model: torch.nn.Module, splits: Splits, objective: Objective, normalize: Any,
-             prepare: Any, device: torch.device, cfg: TrainConfig) -> None:
+             prepare: Any, device: torch.device, cfg: TrainConfig) -> Any:
     """One small batch through the model (eval mode, no grad: no state changes) to check that
     the model takes the data, and that its output fits the targets and the labels the
     classes -- before any training, not after it."""
@@ -302,3 +324,4 @@ def _dry_run(model: torch.nn.Module, splits: Splits, objective: Objective, norma
     all_targets = [] if splits.is_dataset else [t for t in (splits.train_y, splits.test_y)
                                                 if t is not None]
     objective.check_output(out, yb, all_targets)
+    return normalize(xb)  # one batch of model inputs (for counting FLOPs)
