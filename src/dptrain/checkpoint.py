@@ -36,7 +36,11 @@ _WRITE_FIXES = {
     errno.EACCES: "make the directory writable, or pass another --out",
     errno.EPERM: "make the directory writable, or pass another --out",
     errno.EROFS: "the filesystem is read-only: pass another --out",
+    errno.EISDIR: "a directory is in the way of the file: remove it, or pass another --out",
+    errno.ENOTDIR: "a file is in the way of the checkpoints directory: remove it, or pass "
+                   "another --out",
 }
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save's .NAME.tmpPID
 _NUMBERED = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -228,16 +232,32 @@ def capture(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.O
             "torch_version": str(torch.__version__)}
 
 
+def check_model(state: dict[str, Any], path: str, model: torch.nn.Module, cfg: TrainConfig
+                ) -> None:
+    """The saved tensors fit the (plain) model: the same names, shapes and dtypes -- checked
+    before anything is loaded or written, and never cast."""
+    own, saved = model.state_dict(), state["model"]
+    fix = "resume with the model it was written for"
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or extra:
+        what = (f"missing {', '.join(missing[:3])}" if missing else
+                f"unexpected {', '.join(extra[:3])}")
+        raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({what}); {fix}")
+    for name, t in saved.items():
+        mine = own[name]
+        if t.shape != mine.shape:
+            raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({name!r} has "
+                             f"shape {tuple(t.shape)}, the model's {tuple(mine.shape)}); {fix}")
+        if t.dtype != mine.dtype:
+            raise UsageError(
+                f"checkpoint {path}: {name!r} is stored as {str(t.dtype).removeprefix('torch.')}"
+                f", the model's is {str(mine.dtype).removeprefix('torch.')}; refusing to "
+                "cast it: resume from a checkpoint dptrain wrote for this model")
+
+
 def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, precision: Precision, cfg: TrainConfig) -> None:
     """Load ``state`` into the wrapped model, optimizer, precision and RNGs."""
-    own = strategy.plain(model).state_dict()
-    for name, t in state["model"].items():
-        if name in own and t.dtype != own[name].dtype:
-            raise UsageError(
-                f"checkpoint {path}: {name!r} is stored as {str(t.dtype).removeprefix('torch.')}"
-                f", the model's is {str(own[name].dtype).removeprefix('torch.')}; refusing to "
-                "cast it: resume from a checkpoint dptrain wrote for this model")
     try:
         strategy.load_state_dict(state, model, optimizer, precision)
     except UsageError as exc:
@@ -253,6 +273,18 @@ def all_finite(model: torch.nn.Module) -> bool:
 
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Checkpointer:
     """Saves on the main process only (call :meth:`save` on every rank), finds the newest."""
 
@@ -260,6 +292,19 @@ class Checkpointer:
         self.dir = directory
         self.is_main = is_main
         self.keep = keep
+
+    def sweep(self) -> list[Path]:
+        """Remove temporaries left by a writer that died mid-save (kill -9): ``.NAME.tmpPID``
+        whose process is gone. Returns what was removed."""
+        if not self.is_main or not self.dir.is_dir():
+            return []
+        removed = []
+        for p in self.dir.iterdir():
+            m = _TEMPORARY.match(p.name)
+            if m and not _pid_alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
 
     def numbered(self) -> list[Path]:
         """Numbered checkpoints, newest first."""

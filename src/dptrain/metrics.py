@@ -6,6 +6,7 @@ unconditionally -- it never asks ``if rank == 0``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -126,6 +127,47 @@ class Progress:
             self.bar.close()
 
 
+class MetricsFile:
+    """``metrics.jsonl``, each line written whole or not at all: a failed write (a full disk)
+    is cut back to the last complete line and reported as one :class:`UsageError`, so what
+    was written stays readable and a later ``--resume auto`` appends onto a clean file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size:  # a record cut by an earlier crash (kill -9 mid-write): drop the fragment
+            with path.open("rb") as fh:
+                fh.seek(max(0, size - (1 << 16)))
+                tail = fh.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size < 1 << 16
+                                                                   else size)
+                os.ftruncate(self.fd, keep)
+
+    def append(self, line: str) -> None:
+        self._write(line.encode())
+
+    def _write(self, data: bytes) -> None:
+        from dptrain.errors import UsageError
+
+        before = os.fstat(self.fd).st_size
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):
+                raise OSError(28, "No space left on device")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, before)
+            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space "
+                             "(the lines already written are intact; continue with --resume "
+                             "auto)") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Reporter:
     """Writes the run's outputs. Inactive (all methods no-ops) except on the main process.
 
@@ -150,7 +192,7 @@ class Reporter:
         if self.tensorboard:  # first: a missing package must not leave a half-started run
             self._tb = _tensorboard_writer(self.out / "tb")
         write_text_atomic(self.out / "config.toml", config_toml)
-        self._metrics = (self.out / "metrics.jsonl").open("a", buffering=1)
+        self._metrics = MetricsFile(self.out / "metrics.jsonl")
 
     def start_progress(self, total: int, initial: int) -> None:
         if self.active and not self.quiet:
@@ -168,7 +210,7 @@ class Reporter:
         if not self.active or self._metrics is None:
             return
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **values}
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        self._metrics.append(json.dumps(record, allow_nan=True) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, int | float) and math.isfinite(value):

@@ -106,8 +106,9 @@ class Run:
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
         total = cfg.epochs * loader.steps_per_epoch
         total = min(total, cfg.max_steps) if cfg.max_steps else total
-        found = self.find_checkpoint(total, loader.steps_per_epoch)
+        found = self.find_checkpoint(model, total, loader.steps_per_epoch)
         self.reporter.start(to_toml(cfg))  # every check has passed: outputs may change now
+        self.checkpoints.sweep()
         self.model = strategy.wrap(model)
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -207,7 +208,7 @@ class Run:
         return ShardedLoader(splits.train_x, splits.train_y, augment=self.cfg.augment, **shard)
 
     # ------------------------------------------------------------------ checkpoints
-    def find_checkpoint(self, total: int, steps_per_epoch: int
+    def find_checkpoint(self, model: torch.nn.Module, total: int, steps_per_epoch: int
                         ) -> tuple[str, dict[str, Any]] | None:
         """The checkpoint to resume from, loaded (once per process) and checked against this
         run -- before anything in the run directory changes."""
@@ -227,6 +228,7 @@ class Run:
             return None
         state = self.opened.pop(path, None) or ck.load(Path(path))  # opened on the main rank
         ck.check_compatible(state, self.cfg, path, self.strategy.world_size)
+        ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
         return path, state
 

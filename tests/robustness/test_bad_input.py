@@ -27,6 +27,7 @@ from dptrain.data.idx import encode_idx, write_idx
 from tests.conftest import DIST_VARS, clean_env, run_cli, train_inproc
 
 SYN = ["--dataset", "synthetic", "--max-steps", "2", "--quiet"]
+PLUG = ["--max-steps", "2", "--quiet", "--batch-size", "8"]
 MNIST = ["--dataset", "mnist", "--max-steps", "2", "--quiet"]
 
 
@@ -100,7 +101,35 @@ def world(tmp_path_factory) -> Path:
     del state["config"]  # no record of its model: only the tensors can tell
     torch.save(state, ck / "noconfig.pt")
     torch.save({"weights": torch.ones(3)}, ck / "foreign.pt")
+    _broken_checkpoints(ck, torch.load(ck / "linear.pt", weights_only=True))
+    (w / "cfg" / "mixed.toml").write_text("lr = 0.1\n[train]\nbatch_size = 8\n")
     return w
+
+
+def _broken_checkpoints(ck: Path, good: dict) -> None:
+    """Checkpoints that load (valid zip, allowed types) but are incomplete or inconsistent."""
+    import copy
+
+    weight = next(k for k in good["model"] if k.endswith("weight"))
+
+    def variant(name: str, change) -> None:  # noqa: ANN001
+        state = copy.deepcopy(good)
+        change(state)
+        torch.save(state, ck / name)
+
+    variant("nopos.pt", lambda s: s.pop("position"))
+    variant("noopt.pt", lambda s: s.pop("optimizer"))
+    variant("norng.pt", lambda s: s.pop("rng"))
+    variant("modellist.pt", lambda s: s.update(model=[torch.ones(2)]))
+    variant("badgroups.pt", lambda s: s["optimizer"].update(param_groups="all"))
+    variant("badrng.pt", lambda s: s["rng"].update(cpu=[torch.ones(3)]))
+    variant("negpos.pt", lambda s: s["position"].update(step=-4))
+    variant("floatpos.pt", lambda s: s["position"].update(step=2.5))
+    variant("beyond.pt", lambda s: s["position"].update(step=1_000_000))
+    variant("nan.pt", lambda s: s["model"][weight].fill_(float("nan")))
+    variant("int64.pt", lambda s: s["model"].update({weight: s["model"][weight].long()}))
+    variant("complex.pt", lambda s: s["model"].update({weight: s["model"][weight].cfloat()}))
+    variant("adam.pt", lambda s: s["config"].update(optimizer="adam"))
 
 
 @dataclass
@@ -248,6 +277,119 @@ CASES = [
          lambda w: ["train", *SYN, *ck(w, "evil.pt"), "--out", str(w / "out" / "r6")],
          ("evil.pt holds objects that are not allowed with weights_only=True",
           "unsupported GLOBAL posix.system", "refusing to load it"), proc=True),
+    Case("resume-missing-position",
+         lambda w: ["train", *SYN, *ck(w, "nopos.pt"), "--out", str(w / "out" / "c1")],
+         ("nopos.pt is incomplete or inconsistent", "no 'position'")),
+    Case("resume-missing-optimizer",
+         lambda w: ["train", *SYN, *ck(w, "noopt.pt"), "--out", str(w / "out" / "c2")],
+         ("no 'optimizer'", "resume from an earlier checkpoint")),
+    Case("resume-missing-rng",
+         lambda w: ["train", *SYN, *ck(w, "norng.pt"), "--out", str(w / "out" / "c3")],
+         ("no 'rng'",)),
+    Case("resume-model-not-a-state-dict",
+         lambda w: ["train", *SYN, *ck(w, "modellist.pt"), "--out", str(w / "out" / "c4")],
+         ("'model' is not a state dict",)),
+    Case("resume-bad-param-groups",
+         lambda w: ["train", *SYN, *ck(w, "badgroups.pt"), "--out", str(w / "out" / "c5")],
+         ("'optimizer' is not an optimizer state dict",)),
+    Case("resume-bad-rng",
+         lambda w: ["train", *SYN, *ck(w, "badrng.pt"), "--out", str(w / "out" / "c6")],
+         ("CPU generator states",)),
+    Case("resume-negative-position",
+         lambda w: ["train", *SYN, *ck(w, "negpos.pt"), "--out", str(w / "out" / "c7")],
+         ("'position' must be non-negative integers",)),
+    Case("resume-non-integer-position",
+         lambda w: ["train", *SYN, *ck(w, "floatpos.pt"), "--out", str(w / "out" / "c8")],
+         ("'position' must be non-negative integers",)),
+    Case("resume-position-beyond-the-run",
+         lambda w: ["train", *SYN, *ck(w, "beyond.pt"), "--out", str(w / "out" / "c9")],
+         ("is at step 1000000, beyond this run's 2 steps", "raise --epochs/--max-steps")),
+    Case("resume-nan-parameter",
+         lambda w: ["train", *SYN, *ck(w, "nan.pt"), "--out", str(w / "out" / "c10")],
+         ("holds NaN/inf values", "resume from an earlier checkpoint")),
+    Case("resume-int64-weights",
+         lambda w: ["train", *SYN, *ck(w, "int64.pt"), "--out", str(w / "out" / "c11")],
+         ("is stored as int64, the model's is float32", "refusing to cast it")),
+    Case("resume-complex-weights",
+         lambda w: ["train", *SYN, *ck(w, "complex.pt"), "--out", str(w / "out" / "c12")],
+         ("is stored as complex64", "refusing to cast it")),
+    Case("resume-another-optimizer",
+         lambda w: ["train", *SYN, *ck(w, "adam.pt"), "--out", str(w / "out" / "c13")],
+         ("written with optimizer='adam', this run has optimizer='sgd'",)),
+    Case("resume-into-a-third-run",
+         lambda w: ["train", *SYN, *ck(w, "linear.pt"), "--out", str(w / "runs" / "linear")],
+         ("already holds another run", "choose a new --out")),
+    Case("resume-refused-leaves-its-run-untouched",  # config.toml too (hashed by the test)
+         lambda w: ["train", *SYN, "--model", "cnn", "--resume", "auto",
+                    "--out", str(w / "runs" / "linear")],
+         ("written with model='linear', this run has model='cnn'",)),
+    # ---------------------------------------------------------------- bounds
+    Case("flag-seed-too-large", lambda w: ["train", "--seed", "99999999999999"],
+         ("--seed 99999999999999 is out of range: use 0 to 4294967295",)),
+    Case("flag-threads-too-many", lambda w: ["train", "--threads", "99999"],
+         ("--threads 99999 is out of range",)),
+    Case("flag-log-every-huge", lambda w: ["train", "--log-every", "1000000000"],
+         ("--log-every 1000000000 is out of range: use 1 to 1000000",)),
+    Case("flag-timeout-too-long", lambda w: ["train", "--timeout-s", "1e9"],
+         ("more than a week",)),
+    Case("flag-nproc-huge", lambda w: ["train", *SYN, "--nproc", "999999"],
+         ("--nproc 999999 is more than this node can run",)),
+    Case("flag-out-name-too-long", lambda w: ["train", *SYN, "--out", "r" * 300],
+         ("file names are limited to 255", "shorter --out")),
+    Case("flag-unknown-loss", lambda w: ["train", "--loss", "hinge"],
+         ("unknown --loss 'hinge'", "package.module:fn")),
+    Case("flag-unknown-task", lambda w: ["train", "--task", "ranking"],
+         ("argument --task", "invalid choice")),
+    Case("flag-label-smoothing-with-mse",
+         lambda w: ["train", *SYN, "--loss", "mse", "--label-smoothing", "0.1",
+                    "--out", str(w / "out" / "ls")],
+         ("--label-smoothing is for --loss cross_entropy",)),
+    Case("flag-sync-bn-without-ddp", lambda w: ["train", *SYN, "--sync-bn"],
+         ("--sync-bn synchronises BatchNorm across DDP processes",)),
+    Case("config-mixed-table-and-top-level",
+         lambda w: ["train", "--config", str(w / "cfg" / "mixed.toml")],
+         ("has both a [train] table and top-level keys (lr)",)),
+    Case("verify-nproc-not-a-number", lambda w: ["verify", "--nproc", "abc"],
+         ("--nproc must be a positive integer, got 'abc'",)),
+    Case("verify-steps-zero", lambda w: ["verify", "--steps", "0"],
+         ("--steps must be between 1 and 100000",)),
+    # ---------------------------------------------------------------- plug-in data and models
+    Case("plugin-float-targets-with-cross-entropy",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:regression_data", "--model",
+                    "taskplugins:regressor", "--out", str(w / "out" / "p1")],
+         ("targets are float32", "needs integer class labels", "pass --loss mse")),
+    Case("plugin-nan-targets",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:nan_targets", "--model",
+                    "taskplugins:regressor", "--loss", "mse", "--out", str(w / "out" / "p2")],
+         ("1 NaN/inf value(s)", "clean the data")),
+    Case("plugin-test-label-outside-the-classes",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:bad_test_labels", "--model",
+                    "taskplugins:linear3", "--out", str(w / "out" / "p3")],
+         ("labels must be in [0, 3)", "fix the labels or the model's output size")),
+    Case("plugin-model-without-trainable-parameters",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:class_data", "--model",
+                    "taskplugins:frozen_model", "--out", str(w / "out" / "p4")],
+         ("has no trainable parameters",)),
+    Case("plugin-model-rejects-the-inputs",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:class_data", "--model",
+                    "taskplugins:wrong_width_model", "--out", str(w / "out" / "p5")],
+         ("cannot take the batches", "make the model's input match the data")),
+    Case("plugin-bce-targets-not-binary",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:regression_data", "--model",
+                    "taskplugins:regressor", "--loss", "bce", "--out", str(w / "out" / "p6")],
+         ("must be 0 or 1", "--loss mse")),
+    Case("plugin-output-shape-does-not-fit",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:regression_data", "--model",
+                    "taskplugins:linear3", "--loss", "mse", "--out", str(w / "out" / "p7")],
+         ("output has shape (8, 3) but the targets (8,)",)),
+    Case("plugin-augment-non-images",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:class_data", "--model",
+                    "taskplugins:linear3", "--augment", "shift", "--out", str(w / "out" / "p8")],
+         ("--augment shift shifts uint8 images", "drop --augment")),
+    Case("plugin-classification-logits-not-2d",
+         lambda w: ["train", *PLUG, "--dataset", "taskplugins:class_data", "--model",
+                    "taskplugins:binary_model", "--loss", "nll", "--out", str(w / "out" / "p9")],
+         ("labels must be in [0, 1)",)),
     # ---------------------------------------------------------------- environment
     Case("env-rank-outside-world", lambda w: ["train", *SYN],
          ("rank 3 (from the torchrun environment) is outside world size 2",
@@ -277,8 +419,9 @@ CASES = [
 
 
 def _hashes(root: Path) -> dict[str, str]:
+    # .dptrain.lock is dptrain's own: whoever runs in a directory writes its pid there
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".dptrain.lock"}
 
 
 def _md5_table(raw: Path) -> dict[str, str]:
@@ -325,9 +468,10 @@ def _offline(*args, **kwargs):
 
 
 def test_the_battery_is_wide_enough():
-    """At least 25 cases, at least 5 through a real subprocess, every family covered."""
-    assert len(CASES) >= 25 and sum(c.proc for c in CASES) >= 5
+    """At least 90 cases here (more in test_bad_env.py), at least 5 through a real subprocess,
+    every family covered."""
+    assert len(CASES) >= 90 and sum(c.proc for c in CASES) >= 5
     families = {c.id.split("-")[0] for c in CASES}
-    assert {"flag", "unknown", "config", "data", "resume", "env"} <= families
+    assert {"flag", "unknown", "config", "data", "resume", "env", "plugin", "verify"} <= families
     assert len({c.id for c in CASES}) == len(CASES)
     assert sys.executable  # the subprocess cases run this interpreter
