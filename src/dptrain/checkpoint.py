@@ -40,6 +40,13 @@ _WRITE_FIXES = {
     errno.ENOTDIR: "a file is in the way of the checkpoints directory: remove it, or pass "
                    "another --out",
 }
+
+
+def write_fix(exc: OSError) -> str:
+    """How to get past a failed write, by its errno."""
+    return _WRITE_FIXES.get(exc.errno, "free disk space or fix the permissions")
+
+
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save's .NAME.tmpPID
 _NUMBERED = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -330,7 +337,7 @@ class Checkpointer:
             os.replace(tmp, self.dir / "last.pt")
             _fsync_dir(self.dir)
         except OSError as exc:
-            fix = _WRITE_FIXES.get(exc.errno, "free disk space or fix the permissions")
+            fix = write_fix(exc)
             raise UsageError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {fix} "
                              "(earlier checkpoints are intact)") from None
         for old in self.numbered()[self.keep:]:

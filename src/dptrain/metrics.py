@@ -150,19 +150,20 @@ class MetricsFile:
         self._write(line.encode())
 
     def _write(self, data: bytes) -> None:
+        from dptrain.checkpoint import write_fix
         from dptrain.errors import UsageError
 
         before = os.fstat(self.fd).st_size
         try:
-            written = os.write(self.fd, data)
-            if written != len(data):
-                raise OSError(28, "No space left on device")
+            view = memoryview(data)
+            while view:  # a short write is followed by the one that says why
+                view = view[os.write(self.fd, view):]
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, before)
-            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space "
-                             "(the lines already written are intact; continue with --resume "
-                             "auto)") from None
+            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}; "
+                             f"{write_fix(exc)} (the lines already written are intact; continue "
+                             "with --resume auto)") from None
 
     def close(self) -> None:
         os.close(self.fd)
