@@ -22,7 +22,9 @@ from dptrain.errors import UsageError
 MODELS = ("linear", "convnet", "cnn", "fastnet")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
-SCHEDULES = ("none", "step", "onecycle")
+SCHEDULES = ("none", "step", "onecycle", "cosine")
+STRATEGIES = ("auto", "single", "dp", "ddp", "zero", "fsdp")
+LOGGERS = ("jsonl", "tensorboard", "mlflow", "csv")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
@@ -60,8 +62,9 @@ class TrainConfig:
     task: str = _opt("auto", "metrics to report; auto = from the loss (a custom loss: from the "
                      "target dtype)", TASKS)
     # --- how to parallelise
-    strategy: str = _opt("auto", "auto = ddp when several processes, else single",
-                         ("auto", "single", "dp", "ddp"))
+    strategy: str = _opt("auto", "auto = ddp when several processes, else single; zero = DDP "
+                         "with the optimizer state sharded (ZeRO-1); fsdp = parameters, "
+                         "gradients and optimizer state sharded (FSDP2)", STRATEGIES)
     nproc: str = _opt("1", "local worker processes: N or auto (= GPUs, else CPU cores)")
     nnodes: int = _opt(1, "number of nodes (as torchrun)")
     node_rank: int = _opt(0, "rank of this node (as torchrun)")
@@ -82,6 +85,11 @@ class TrainConfig:
                               "(shm) or gloo's TCP; auto = shm where possible",
                               ("auto", "shm", "gloo"))
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm (DDP)")
+    # --- sharding
+    reshard_after_forward: bool = _opt(True, "FSDP: free the gathered parameters after the "
+                                       "forward (gather again for the backward)")
+    keep_global_batch: bool = _opt(False, "resuming with another number of processes: pick "
+                                   "the --batch-size/--accum that keep the global batch")
     # --- optimisation
     epochs: int = _opt(1, "passes over the training split")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no cap)")
@@ -90,13 +98,16 @@ class TrainConfig:
     accum: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
     optimizer: str = _opt("sgd", "optimizer", OPTIMIZERS)
     lr: float = _opt(0.01, "learning rate (before --lr-scaling)")
-    momentum: float = _opt(0.9, "SGD momentum")
+    momentum: float = _opt(0.0, "SGD momentum (0, as torch.optim.SGD)")
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(0.0, "weight decay")
     schedule: str = _opt("none", "learning-rate schedule", SCHEDULES)
     step_size: int = _opt(1, "step schedule: epochs between decays")
     gamma: float = _opt(0.7, "step schedule: decay factor")
     warmup_steps: int = _opt(0, "linear warm-up steps")
+    grad_clip: float = _opt(0.0, "clip the gradients' global norm to this (0 = off)")
+    no_decay_norm_bias: bool = _opt(False, "no weight decay on biases and norm layers' "
+                                    "parameters")
     lr_scaling: str = _opt("none", "scale lr with the global batch", ("none", "linear", "sqrt"))
     ref_batch: int = _opt(64, "global batch the given lr is tuned for (for --lr-scaling)")
     precision: str = _opt("32", "32, bf16 (autocast) or 16 (fp16 + GradScaler, CUDA)",
@@ -114,6 +125,7 @@ class TrainConfig:
     log_every: int = _opt(50, "log every N optimizer steps")
     quiet: bool = _opt(False, "print only the final result")
     tensorboard: bool = _opt(False, "write TensorBoard event files (needs tensorboard)")
+    logger: str = _opt("jsonl", f"experiment loggers, comma-separated: {', '.join(LOGGERS)}")
     eval_every_epoch: bool = _opt(True, "evaluate at the end of every epoch")
     profile: int = _opt(0, "profile N optimizer steps with torch.profiler (0 = off)")
 
@@ -168,6 +180,13 @@ class TrainConfig:
             raise UsageError(f"--gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.grad_clip >= 0:
+            raise UsageError(f"--grad-clip must not be negative, got {self.grad_clip}")
+        loggers = [x.strip() for x in self.logger.split(",") if x.strip()]
+        bad = [x for x in loggers if x not in LOGGERS]
+        if bad or not loggers:
+            raise UsageError(f"--logger {self.logger!r}: use one or more of {', '.join(LOGGERS)}, "
+                             "comma-separated")
         if self.node_rank >= self.nnodes:
             raise UsageError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if self.master_port > 65535:

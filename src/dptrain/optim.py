@@ -16,10 +16,29 @@ import torch.optim.optimizer as torch_optimizer
 from dptrain.config import TrainConfig
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter],
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_norm_bias: bool
+                 ) -> list[dict] | list[torch.nn.Parameter]:
+    """The trainable parameters; with ``no_decay_norm_bias``, two groups: weights with
+    ``weight_decay``, and biases plus every normalisation layer's parameters without it."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [p for _, p in trainable]
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+             torch.nn.LocalResponseNorm)
+    exempt = {id(p) for m in model.modules() if isinstance(m, norms)
+              for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for n, p in trainable if n.endswith("bias") or p.dim() <= 1}
+    decay = [p for _, p in trainable if id(p) not in exempt]
+    rest = [p for _, p in trainable if id(p) in exempt]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
+def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter] | list[dict],
                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer, as a fused kernel where PyTorch has one (one launch for all parameters
-    and no Python loop per tensor), else the multi-tensor ``foreach`` implementation."""
+    and no Python loop per tensor), else the multi-tensor ``foreach`` implementation.
+    ``params``: parameters or parameter groups (:func:`param_groups`)."""
     params = list(params)
     kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
              "adadelta": torch.optim.Adadelta}
@@ -91,6 +110,10 @@ def lr_at(cfg: TrainConfig, peak: float, step: int, steps_per_epoch: int,
         t = min(1.0, (step - up) / max(1, total_steps - up))
         return end + (peak - end) * (1 + math.cos(math.pi * t)) / 2
     lr = peak
+    if cfg.schedule == "cosine":  # after the warm-up, half a cosine from peak down to 0
+        warm = min(cfg.warmup_steps, max(0, total_steps - 1))
+        t = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
+        lr = peak * (1 + math.cos(math.pi * t)) / 2
     if cfg.schedule == "step":
         epoch = step // max(1, steps_per_epoch)
         lr = peak * cfg.gamma ** (epoch // cfg.step_size)

@@ -31,8 +31,9 @@ def hang_on_rank1() -> nn.Module:
 
 
 class Gated(nn.Module):
-    """Linear model whose forward waits while the file named by $DPTRAIN_TEST_GATE exists: a
-    run that stays in training, holding its --out, exactly as long as a test needs."""
+    """Linear model whose training forward waits while the file named by $DPTRAIN_TEST_GATE
+    exists: a run that stays in training, holding its --out, exactly as long as a test needs
+    (the eval-mode dry run before training passes)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,7 +41,7 @@ class Gated(nn.Module):
         self.gate = os.environ.get("DPTRAIN_TEST_GATE", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        while self.gate and os.path.exists(self.gate):
+        while self.training and self.gate and os.path.exists(self.gate):
             time.sleep(0.01)
         return self.body(x)
 

@@ -82,9 +82,11 @@ class Strategy:
     # --- the step
     def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over the wrapped model's parameters."""
-        from dptrain.optim import build_optimizer
+        from dptrain.optim import build_optimizer, param_groups
 
-        return build_optimizer(cfg, model.parameters(), self.device)
+        self.grad_clip = cfg.grad_clip
+        groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+        return build_optimizer(cfg, groups, self.device)
 
     def forward_backward(self, model: nn.Module, micro: list[Batch], objective: Objective,
                          precision: Precision) -> list[torch.Tensor]:
@@ -104,12 +106,24 @@ class Strategy:
             losses.append(loss.detach())
         return losses
 
+    grad_clip = 0.0  # --grad-clip, set by build_optimizer
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
-        """Apply the synchronised gradients, then drop them (``set_to_none``)."""
+        """Apply the synchronised gradients (clipped to ``--grad-clip``), then drop them."""
         fast, params = self._fast_step(optimizer)
+        if self.grad_clip > 0:
+            self.clip_gradients(params, optimizer, precision)
         precision.step(optimizer, fast)
         for p in params:  # zero_grad(set_to_none=True) without its per-call wrapper cost
             p.grad = None
+
+    def clip_gradients(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                       precision: Precision) -> torch.Tensor:
+        """Scale the gradients so that their global L2 norm is at most ``--grad-clip``. The
+        gradients are already synchronised (every rank holds the same ones), so each rank's
+        norm is the global one; a sharding strategy overrides this with the sharded norm."""
+        precision.unscale(optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
 
     def _fast_step(self, optimizer: torch.optim.Optimizer
                    ) -> tuple[Callable[[], None], list[torch.Tensor]]:
