@@ -233,6 +233,7 @@ def test_slurm_threads_after_double_dash_once_and_for_openmp_too(monkeypatch, ca
                           "linear"], {}, monkeypatch, capfd)
     assert code == 0
     omp, srun = _srun_line(out)
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
     assert omp == "export OMP_NUM_THREADS=4"
     assert srun.split().count("--threads") == 1 and srun.endswith("train --threads 4 --model "
                                                                   "linear")
