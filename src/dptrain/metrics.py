@@ -1,4 +1,5 @@
-"""Rank-0 side effects behind one object: log lines, ``metrics.jsonl``, ``summary.json``.
+"""Rank-0 side effects behind one object: log lines, the loggers (``metrics.jsonl``, ...),
+``summary.json``.
 
 Every rank gets a :class:`Reporter`; only the main process's one writes. The loop calls it
 unconditionally -- it never asks ``if rank == 0``.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -173,27 +173,38 @@ class Reporter:
     """Writes the run's outputs. Inactive (all methods no-ops) except on the main process.
 
     Nothing is written before :meth:`start`, which the run calls once every check has passed
-    (so a refused resume leaves the run directory exactly as it was)."""
+    (so a refused resume leaves the run directory exactly as it was). The records go to the
+    configured experiment loggers (:mod:`dptrain.loggers`: ``--logger jsonl,csv,mlflow,
+    tensorboard``; ``tensorboard=True`` is the older ``--tensorboard`` and adds that one)."""
 
     def __init__(self, out: Path | None, *, active: bool, quiet: bool = False,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, loggers: str | list[str] = "jsonl") -> None:
+        from dptrain import loggers as lg
+
         self.active = active and out is not None
         self.out = out
         self.quiet = quiet
-        self.tensorboard = tensorboard
-        self._metrics = None
-        self._tb = None
+        self.logger_names = lg.parse(loggers, tensorboard=tensorboard)
+        lg.check_available(self.logger_names)  # on every rank: all fail alike, nothing hangs
+        self._loggers: list[lg.Logger] = []
         self._progress: Progress | None = None
 
     def start(self, config_toml: str) -> None:
-        """Write ``config.toml`` and open ``metrics.jsonl`` (and TensorBoard's event file)."""
+        """Write ``config.toml`` and open the loggers (``metrics.jsonl``, ...)."""
         if not self.active:
             return
+        import tomllib
+
+        from dptrain import loggers as lg
+
+        lg.preload(self.logger_names)  # first: a missing package must not half-start a run
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.tensorboard:  # first: a missing package must not leave a half-started run
-            self._tb = _tensorboard_writer(self.out / "tb")
+        resumed = (self.out / "config.toml").exists()
         write_text_atomic(self.out / "config.toml", config_toml)
-        self._metrics = MetricsFile(self.out / "metrics.jsonl")
+        self._loggers = lg.open_loggers(self.logger_names, self.out, resumed=resumed)
+        config = tomllib.loads(config_toml)
+        for logger in self._loggers:
+            logger.log_params(config)
 
     def start_progress(self, total: int, initial: int) -> None:
         if self.active and not self.quiet:
@@ -208,14 +219,11 @@ class Reporter:
             log.warning("warning: %s", message)
 
     def metrics(self, step: int, epoch: int, **values: Any) -> None:
-        if not self.active or self._metrics is None:
+        if not self.active:
             return
         record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **values}
-        self._metrics.append(json.dumps(record, allow_nan=True) + "\n")
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        for logger in self._loggers:
+            logger.log_metrics(step, record)
 
     def train_step(self, step: int, total: int, epoch: int, loss: float, lr: float,
                    samples_per_s: float) -> None:
@@ -237,25 +245,29 @@ class Reporter:
                  format_metrics(metrics), metrics["samples"])
 
     def summary(self, summary: dict[str, Any]) -> None:
-        if self.active:
-            write_json_atomic(self.out / "summary.json", summary)
+        """``summary.json``; the loggers get the summary, then the final checkpoint
+        (``checkpoints/last.pt``), ``config.toml`` and ``summary.json`` as artifacts."""
+        if not self.active:
+            return
+        write_json_atomic(self.out / "summary.json", summary)
+        for logger in self._loggers:
+            logger.log_summary(summary)
+        last = self.out / "checkpoints" / "last.pt"
+        if last.is_file():
+            self.artifact(last, "checkpoints")
+        self.artifact(self.out / "config.toml")
+        self.artifact(self.out / "summary.json")
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        """Store a file with the loggers that keep artifacts (MLflow), under ``folder``."""
+        if not self.active:
+            return
+        for logger in self._loggers:
+            logger.log_artifact(Path(path), folder)
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.close()
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _tensorboard_writer(path: Path):  # noqa: ANN202 - optional dependency
-    from dptrain.errors import UsageError
-
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UsageError("--tensorboard needs the tensorboard package: "
-                         "pip install 'dptrain[tensorboard]'") from None
-    return SummaryWriter(str(path))
+        loggers, self._loggers = self._loggers, []
+        for logger in loggers:
+            logger.close()

@@ -87,7 +87,7 @@ class Run:
         self.started_at, self.restart, self.resume = started_at, restart, resume
         self.opened = opened or {}
         self.reporter = Reporter(Path(cfg.out), active=strategy.is_main, quiet=cfg.quiet,
-                                 tensorboard=cfg.tensorboard)
+                                 tensorboard=cfg.tensorboard, loggers=cfg.logger)
         self.objective = Objective(cfg.loss, cfg.task, label_smoothing=cfg.label_smoothing)
         self.precision = Precision(cfg.precision, self.device)
         self.memory_format = (torch.channels_last if cfg.channels_last
