@@ -197,20 +197,71 @@ def find_resume(ckpt: Checkpointer, resume: str, *, info: Callable[[str], None],
     return resume, load(Path(resume))
 
 
-COMPATIBLE = ("model", "dataset", "batch_size", "accum", "seed", "loss", "task")
+COMPATIBLE = ("model", "dataset", "seed", "loss", "task", "optimizer")
+
+
+def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(batch per process, processes, accum) the checkpoint was written with, if recorded."""
+    saved = state.get("config", {})
+    if "batch_size" not in saved or "accum" not in saved:
+        return None
+    return saved["batch_size"], state["world_size"], saved["accum"]
+
+
+def global_batch_settings(samples_per_step: int, world_size: int, batch_size: int
+                          ) -> tuple[int, int] | None:
+    """(batch per process, accum) that keep ``samples_per_step`` with ``world_size``
+    processes, the batch closest to ``batch_size`` (then the least accumulation)."""
+    options = [(samples_per_step // (world_size * a), a) for a in range(1, samples_per_step + 1)
+               if samples_per_step % (world_size * a) == 0]
+    if not options:
+        return None
+    return min(options, key=lambda o: (abs(o[0] - batch_size), o[1]))
 
 
 def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int
                      ) -> None:
-    """Resuming under other settings would silently be a different run: refuse."""
+    """Resuming under other settings would silently be a different run: refuse. Another number
+    of processes is fine when the global batch (batch x processes x accum) is kept: the data
+    order continues at the same sample and every step is the same step."""
     saved = state.get("config", {})
-    for key in (*COMPATIBLE, "optimizer"):
+    for key in COMPATIBLE:
         if key in saved and saved[key] != getattr(cfg, key):
             raise UsageError(f"checkpoint {path} was written with {key}={saved[key]!r}, this run "
                              f"has {key}={getattr(cfg, key)!r}; resume with the same settings")
-    if state["world_size"] != world_size:
-        raise UsageError(f"checkpoint {path} was written by {state['world_size']} processes, "
-                         f"this run has {world_size}; resume with the same number of processes")
+    written = saved_global_batch(state)
+    if written is None:  # an old checkpoint without its config: the world size must match
+        if state["world_size"] != world_size:
+            raise UsageError(f"checkpoint {path} was written by {state['world_size']} "
+                             f"processes, this run has {world_size}; resume with as many")
+        return
+    b, w, a = written
+    here = cfg.batch_size * world_size * cfg.accum
+    if b * w * a == here:
+        return
+    keep = global_batch_settings(b * w * a, world_size, b)
+    how = (f"--batch-size {keep[0]} --accum {keep[1]} keeps it with {world_size} processes, "
+           "or pass --keep-global-batch" if keep else
+           f"no batch/accum keeps it with {world_size} processes: use a world size that "
+           f"divides {b * w * a}")
+    raise UsageError(f"checkpoint {path} was written with a global batch of {b * w * a} "
+                     f"(batch {b} x {w} processes x accum {a}); this run has {here} "
+                     f"(batch {cfg.batch_size} x {world_size} x accum {cfg.accum}): {how}")
+
+
+def keep_global_batch(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int
+                      ) -> TrainConfig:
+    """``--keep-global-batch``: this run's batch/accum chosen to keep the checkpoint's."""
+    written = saved_global_batch(state)
+    if written is None:
+        return cfg
+    b, w, a = written
+    keep = global_batch_settings(b * w * a, world_size, b)
+    if keep is None:
+        raise UsageError(f"checkpoint {path} was written with a global batch of {b * w * a}, "
+                         f"which {world_size} processes cannot split evenly; use a world size "
+                         f"that divides {b * w * a}")
+    return cfg.replace(batch_size=keep[0], accum=keep[1])
 
 
 def check_position(state: dict[str, Any], path: str, total_steps: int,
@@ -274,9 +325,6 @@ def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.n
                          ) from None
 
 
-def all_finite(model: torch.nn.Module) -> bool:
-    values = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return not values or bool(torch.stack([torch.isfinite(t).all() for t in values]).all())
 
 
 

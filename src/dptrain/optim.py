@@ -34,18 +34,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_norm_bias
                         {"params": rest, "weight_decay": 0.0}) if g["params"]]
 
 
+def optimizer_class(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    """``--optimizer`` and its settings: the class and its keyword arguments."""
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+             "adadelta": torch.optim.Adadelta}
+    kwargs: dict = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return kinds[cfg.optimizer], kwargs
+
+
 def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter] | list[dict],
                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer, as a fused kernel where PyTorch has one (one launch for all parameters
     and no Python loop per tensor), else the multi-tensor ``foreach`` implementation.
     ``params``: parameters or parameter groups (:func:`param_groups`)."""
     params = list(params)
-    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-             "adadelta": torch.optim.Adadelta}
-    kwargs: dict = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    kind = kinds[cfg.optimizer]
+    kind, kwargs = optimizer_class(cfg)
     if cfg.optimizer != "adadelta":
         try:
             return kind(params, fused=True, **kwargs)

@@ -25,6 +25,7 @@ from dptrain.dist import DistEnv
 from dptrain.errors import UsageError
 
 ONE_PROCESS = ("single", "dp")  # strategies that run in exactly one process
+GROUPED = ("ddp", "zero", "fsdp")  # one process per device, in a process group
 MAX_PROCS_PER_CORE = 8  # --nproc beyond this many per CPU core is refused (it would thrash)
 
 
@@ -77,9 +78,9 @@ class Plan:
         return self.cfg.batch_size * self.world_size * self.cfg.accum
 
     def worker_env(self, env: DistEnv) -> DistEnv:
-        """This process's place in the job: a one-process DDP run gets a private one (an
-        in-memory store, no port)."""
-        if env.distributed or self.strategy != "ddp":
+        """This process's place in the job: a one-process DDP/ZeRO/FSDP run gets a private
+        one (an in-memory store, no port)."""
+        if env.distributed or self.strategy not in GROUPED:
             return env
         return DistEnv(source="local")
 
@@ -113,9 +114,12 @@ def make_plan(cfg: TrainConfig, env: DistEnv, hw: Hardware | None = None) -> Pla
     if cfg.precision == "16" and not on_gpu:
         raise UsageError("--precision 16 (fp16 with GradScaler) needs CUDA; on CPU use "
                          "--precision bf16 or 32")
-    if cfg.sync_bn and strategy != "ddp":
+    if cfg.sync_bn and strategy in ONE_PROCESS:
         raise UsageError(f"--sync-bn synchronises BatchNorm across DDP processes; --strategy "
                          f"{strategy} has one process: drop --sync-bn")
+    if cfg.sync_bn and strategy == "fsdp":
+        raise UsageError("--sync-bn cannot apply to --strategy fsdp (BatchNorm statistics "
+                         "stay per rank); drop --sync-bn, or use --strategy ddp or zero")
     _check_out(cfg.out)
     world = 1 if strategy in ONE_PROCESS else nproc * nnodes
     threads = cfg.threads or max(1, hw.cores // max(1, nproc))

@@ -101,12 +101,16 @@ class Run:
         cfg, strategy = self.cfg, self.strategy
         model = self.build_model()
         splits = self.load_data(model)
+        found = self.find_checkpoint()
+        if found and cfg.keep_global_batch:
+            cfg = self.cfg = ck.keep_global_batch(found[1], cfg, found[0],
+                                                  strategy.world_size)
         loader = self.build_loader(splits)
         self.splits, self.loader = splits, loader
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
         total = cfg.epochs * loader.steps_per_epoch
         total = min(total, cfg.max_steps) if cfg.max_steps else total
-        found = self.find_checkpoint(model, total, loader.steps_per_epoch)
+        self.check_checkpoint(found, model, total, loader.steps_per_epoch)
         self.reporter.start(to_toml(cfg))  # every check has passed: outputs may change now
         self.checkpoints.sweep()
         self.model = strategy.wrap(model)
@@ -132,18 +136,28 @@ class Run:
         self.finish(result, pos)
         summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
                                 loader.samples_per_step, peak_lr, found and found[0])
+        summary.update(self.memory())
         summary.update(self.flops(summary["train_samples_per_s"]))
         self.reporter.summary(summary)
         return summary
+
+    def memory(self) -> dict[str, Any]:
+        """Per-rank bytes of parameters, gradients and optimizer state (the tensors each rank
+        holds), and peak memory; the top-level figures are rank 0's."""
+        mine = self.strategy.memory(self.model, self.optimizer)
+        ranks = self.strategy.all_gather_object(mine)
+        return {**ranks[0], "memory_per_rank": ranks}
 
     def flops(self, samples_per_s: float | None) -> dict[str, Any]:
         """Model FLOPs per sample, the measured peak for this precision and the MFU
         (counted and measured on the main rank, shared with the others)."""
         from dptrain.flops import summary_fields
 
+        plain = self.strategy.plain(self.model)  # every rank (a collective where sharded)
+
         def count() -> dict[str, Any]:
             try:
-                return summary_fields(self.strategy.plain(self.model), self.example_inputs,
+                return summary_fields(plain, self.example_inputs,
                                       samples_per_s=samples_per_s,
                                       world_size=self.strategy.world_size,
                                       precision=self.cfg.precision, device=self.device)
@@ -208,10 +222,8 @@ class Run:
         return ShardedLoader(splits.train_x, splits.train_y, augment=self.cfg.augment, **shard)
 
     # ------------------------------------------------------------------ checkpoints
-    def find_checkpoint(self, model: torch.nn.Module, total: int, steps_per_epoch: int
-                        ) -> tuple[str, dict[str, Any]] | None:
-        """The checkpoint to resume from, loaded (once per process) and checked against this
-        run -- before anything in the run directory changes."""
+    def find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """The checkpoint to resume from, loaded once per process (nothing written yet)."""
         if not self.resume:
             return None
         def locate() -> str | None:
@@ -227,10 +239,18 @@ class Run:
         if path is None:
             return None
         state = self.opened.pop(path, None) or ck.load(Path(path))  # opened on the main rank
+        return path, state
+
+    def check_checkpoint(self, found: tuple[str, dict[str, Any]] | None,
+                         model: torch.nn.Module, total: int, steps_per_epoch: int) -> None:
+        """The checkpoint fits this run: settings, global batch, tensors, position -- checked
+        before anything in the run directory changes."""
+        if found is None:
+            return
+        path, state = found
         ck.check_compatible(state, self.cfg, path, self.strategy.world_size)
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
-        return path, state
 
     def restore(self, found: tuple[str, dict[str, Any]] | None) -> Position:
         if found is None:
@@ -244,11 +264,10 @@ class Run:
         return pos
 
     def save_checkpoint(self, pos: Position) -> None:
-        plain = self.strategy.plain(self.model)
-        if not ck.all_finite(plain):  # never replace a good checkpoint with a diverged model
+        if not self.strategy.params_finite(self.model):  # never replace a good checkpoint
             raise UsageError(f"non-finite parameters at step {pos.step}; lower --lr; the last "
                              "good checkpoint is kept")
-        self.strategy.sync_buffers(plain)
+        self.strategy.sync_buffers(self.strategy.plain(self.model))
         state = ck.capture(self.strategy, self.model, self.optimizer, self.precision, pos,
                            self.cfg)  # collective: on every rank
         self.checkpoints.save(state, pos.step)

@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "verify", help="check that N-process training equals 1-process training",
         description="Train 1 process x batch N*B and N processes x batch B from the same seed "
                     "and compare the parameters. Exit 0 within --tol, 1 otherwise.")
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "zero", "fsdp"),
+                   help="the N-process strategy to check against one process (default: ddp)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
     p.add_argument("--tol", type=float, default=1e-5,
                    help="largest allowed |difference| of any parameter (default: 1e-5)")
@@ -70,8 +72,8 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[flo
     return worst, where
 
 
-def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
+             strategy: str = "ddp") -> tuple[dict[str, Any], dict[str, Any]]:
     from dptrain.cli import run_training
     from dptrain.config import TrainConfig
 
@@ -79,8 +81,8 @@ def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path
                 resume="", max_restarts=0, quiet=True, strategy="auto")
     one = TrainConfig(**{**base, "batch_size": values["batch_size"] * nproc, "nproc": "1",
                          "strategy": "single", "out": str(root / "one")}).validate()
-    many = TrainConfig(**{**base, "nproc": str(nproc), "strategy": "ddp",
-                          "out": str(root / f"ddp{nproc}")}).validate()
+    many = TrainConfig(**{**base, "nproc": str(nproc), "strategy": strategy,
+                          "out": str(root / f"{strategy}{nproc}")}).validate()
     s1 = run_training(one)
     sn = run_training(many)
     return s1, sn
@@ -105,7 +107,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from dptrain.rundir import holds_run
 
         keep = Path(args.keep)
-        used = [d for d in ("one", f"ddp{nproc}") if (keep / d).exists() and holds_run(keep / d)]
+        used = [d for d in ("one", f"{args.strategy}{nproc}")
+                if (keep / d).exists() and holds_run(keep / d)]
         if used:
             raise UsageError(f"--keep {keep} already holds verify runs ({', '.join(used)}); "
                              "choose another --keep directory")
@@ -118,12 +121,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
               "differ from one process by design")
     with tempfile.TemporaryDirectory(prefix="dptrain-verify-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
-        s1, sn = run_pair(values, nproc, args.steps, root)
-        diff, where = compare(_params(root / "one"), _params(root / f"ddp{nproc}"))
-        l1, ln = _losses(root / "one"), _losses(root / f"ddp{nproc}")
+        s1, sn = run_pair(values, nproc, args.steps, root, args.strategy)
+        many = root / f"{args.strategy}{nproc}"
+        diff, where = compare(_params(root / "one"), _params(many))
+        l1, ln = _losses(root / "one"), _losses(many)
     loss_diff = max((abs(a - b) for a, b in zip(l1, ln)), default=0.0)
     ok = diff <= args.tol
-    print(f"1 process x batch {s1['global_batch']} vs {nproc} processes x batch "
+    print(f"1 process x batch {s1['global_batch']} vs {args.strategy} x {nproc} processes x "
+          f"batch "
           f"{values['batch_size']} ({sn['global_batch']} global), {args.steps} steps, "
           f"model {values.get('model', 'linear')}, dataset {values['dataset']}, loss "
           f"{values.get('loss', 'cross_entropy')}")

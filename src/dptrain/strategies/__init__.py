@@ -1,4 +1,4 @@
-"""Strategies: single, dp, ddp. :func:`build` is the only place that chooses between them."""
+"""Strategies: single, dp, ddp, zero, fsdp. :func:`build` is the only place that chooses between them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ from dptrain.errors import UsageError
 from dptrain.strategies.base import Strategy
 from dptrain.strategies.ddp import DDPOptions, DistributedDataParallel
 from dptrain.strategies.dp import DataParallel
+from dptrain.strategies.fsdp import FullyShardedDataParallel
 from dptrain.strategies.single import SingleDevice
+from dptrain.strategies.zero import ZeroDataParallel
 
 if TYPE_CHECKING:
     from dptrain.plan import Plan
 
 __all__ = ["Strategy", "build", "local_device"]
+
+# one process per device, in a process group
+SHARDED_OR_DDP = {"ddp": DistributedDataParallel, "zero": ZeroDataParallel,
+                  "fsdp": FullyShardedDataParallel}
 
 
 def local_device(kind: str, env: DistEnv) -> torch.device:
@@ -36,7 +42,7 @@ def build(plan: Plan, env: DistEnv, *, count_comm: bool = False) -> Strategy:
     device = local_device(plan.device, env)
     if plan.strategy == "dp":
         return DataParallel(env, device)
-    if plan.strategy == "ddp":
+    if plan.strategy in SHARDED_OR_DDP:
         options = DDPOptions(
             bucket_cap_mb=cfg.bucket_cap_mb,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
@@ -46,7 +52,9 @@ def build(plan: Plan, env: DistEnv, *, count_comm: bool = False) -> Strategy:
             cpu_allreduce=cfg.cpu_allreduce,
             count_comm=count_comm,
             sync_bn=cfg.sync_bn,
+            reshard_after_forward=cfg.reshard_after_forward,
+            precision=cfg.precision,
         )
-        return DistributedDataParallel(env, device, backend=plan.backend,
-                                       timeout_s=cfg.timeout_s, options=options)
+        return SHARDED_OR_DDP[plan.strategy](env, device, backend=plan.backend,
+                                             timeout_s=cfg.timeout_s, options=options)
     return SingleDevice(env, device)

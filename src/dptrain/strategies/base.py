@@ -164,6 +164,27 @@ class Strategy:
         precision.load_state_dict(state.get("scaler") or {})
         self.load_rng_state(state["rng"])
 
+    def params_finite(self, model: nn.Module) -> bool:
+        """Every floating-point parameter and buffer finite (a collective where sharded)."""
+        values = [t for t in self.plain(model).state_dict().values() if t.is_floating_point()]
+        return not values or bool(torch.stack([torch.isfinite(t).all() for t in values]).all())
+
+    def memory(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Bytes this rank holds: parameters, their gradients (one per trainable parameter
+        element, as during the backward) and optimizer state -- counted from the tensors
+        themselves (a shard counts as its local part) -- and the peak memory of the process
+        (peak RSS on CPU, CUDA max allocated on a GPU)."""
+        params = [p for p in model.parameters()]
+        local = [_local(p) for p in params]
+        return {
+            "param_bytes": sum(t.numel() * t.element_size() for t in local),
+            "grad_bytes": sum(t.numel() * t.element_size() for t, p in zip(local, params,
+                                                                          strict=True)
+                              if p.requires_grad),
+            "optim_bytes": optimizer_bytes(optimizer),
+            **peak_memory(self.device),
+        }
+
     def rng_state(self) -> dict[str, Any]:
         """Every rank's CPU (and CUDA) generator state, gathered (a collective)."""
         cuda = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
@@ -172,7 +193,11 @@ class Strategy:
                 "cuda": self.all_gather_object(cuda)}
 
     def load_rng_state(self, rng: dict[str, Any]) -> None:
-        """Each rank continues its own random stream (dropout) where it was saved."""
+        """Each rank continues its own random stream (dropout) where it was saved. Saved by
+        another number of processes, the streams cannot map onto these ranks: each rank keeps
+        the fresh stream it was seeded with."""
+        if len(rng["cpu"]) != self.world_size:
+            return
         torch.set_rng_state(rng["cpu"][self.rank].cpu())
         cuda = rng.get("cuda") or []
         if self.device.type == "cuda" and len(cuda) == self.world_size and cuda[0].numel():
@@ -226,3 +251,36 @@ class Strategy:
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "world_size": self.world_size, "backend": self.backend,
                 "device": str(self.device)}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state tensors this rank holds (momenta, Adam moments)."""
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the local shard
+    total = 0
+    for state in inner.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                t = _local(v)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_memory_kind": "cuda_max_allocated"}
+    peak = None
+    try:
+        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_memory_bytes": peak, "peak_memory_kind": "peak_rss"}

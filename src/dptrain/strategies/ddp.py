@@ -30,6 +30,8 @@ class DDPOptions:
     cpu_allreduce: str = "auto"  # auto | shm | gloo: how CPU gradients cross local processes
     count_comm: bool = False  # count all-reduce calls and bytes (tests, bench)
     sync_bn: bool = False  # BatchNorm statistics over the global batch
+    reshard_after_forward: bool = True  # fsdp
+    precision: str = "32"  # fsdp: its mixed-precision policy
 
 
 class CommCounter:
