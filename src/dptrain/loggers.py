@@ -46,10 +46,13 @@ _PROBE = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # found without imp
 
 
 def parse(spec: str | list[str] | tuple[str, ...], tensorboard: bool = False) -> list[str]:
-    """``"jsonl,csv"`` -> ``["jsonl", "csv"]`` (order kept, duplicates dropped); the older
+    """``"csv,mlflow"`` -> ``["jsonl", "csv", "mlflow"]`` (order kept, duplicates dropped).
+
+    ``metrics.jsonl`` is always written: it is the run directory's record in the contract,
+    and what ``dptrain plot`` and resumed runs read; ``--logger`` adds the others. The older
     ``--tensorboard`` flag adds ``tensorboard``."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names: list[str] = []
+    names = ["jsonl"]
     for item in (x.strip() for x in items):
         if item and item not in names:
             if item not in NAMES:

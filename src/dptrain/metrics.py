@@ -187,6 +187,7 @@ class Reporter:
         self.logger_names = lg.parse(loggers, tensorboard=tensorboard)
         lg.check_available(self.logger_names)  # on every rank: all fail alike, nothing hangs
         self._loggers: list[lg.Logger] = []
+        self._started = False
         self._progress: Progress | None = None
 
     def start(self, config_toml: str) -> None:
@@ -202,6 +203,7 @@ class Reporter:
         resumed = (self.out / "config.toml").exists()
         write_text_atomic(self.out / "config.toml", config_toml)
         self._loggers = lg.open_loggers(self.logger_names, self.out, resumed=resumed)
+        self._started = True
         config = tomllib.loads(config_toml)
         for logger in self._loggers:
             logger.log_params(config)
@@ -247,7 +249,7 @@ class Reporter:
     def summary(self, summary: dict[str, Any]) -> None:
         """``summary.json``; the loggers get the summary, then the final checkpoint
         (``checkpoints/last.pt``), ``config.toml`` and ``summary.json`` as artifacts."""
-        if not self.active:
+        if not self.active or not self._started:
             return
         write_json_atomic(self.out / "summary.json", summary)
         for logger in self._loggers:
