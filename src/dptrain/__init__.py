@@ -1,6 +1,7 @@
 """dptrain: data-parallel training with PyTorch that you can trust and measure.
 
-``dptrain.fit(...)`` is the Python API (see :mod:`dptrain.api`); ``dptrain`` the CLI.
+``dptrain.fit(...)`` is the Python API (see :mod:`dptrain.api`), ``dptrain.Session`` the
+own-loop API (see :mod:`dptrain.session`); ``dptrain`` the CLI.
 """
 
 from __future__ import annotations
@@ -8,12 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "fit"]
+__all__ = ["FitResult", "Session", "__version__", "fit"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import dptrain` stays cheap (no torch import)
-    if name == "fit":
-        from dptrain.api import fit
+    if name in ("fit", "FitResult"):
+        from dptrain import api
 
-        return fit
+        return getattr(api, name)
+    if name == "Session":
+        from dptrain.session import Session
+
+        return Session
     raise AttributeError(f"module 'dptrain' has no attribute {name!r}")

@@ -216,7 +216,7 @@ def build_parser() -> Parser:
 
 
 SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.bench.command", "dptrain.plot", "dptrain.slurm",
-                      "dptrain.doctor")
+                      "dptrain.doctor", "dptrain.runscript")
 
 
 TRAIN_EXAMPLES = """\
