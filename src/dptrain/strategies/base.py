@@ -157,7 +157,7 @@ class Strategy:
                                                               "size mismatch"))), lines[0])
             raise UsageError(f"its model does not fit ({why[:200]})") from None
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(with_own_kernels(state["optimizer"], optimizer))
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
                              ) from None
@@ -284,3 +284,20 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak_memory_bytes": peak, "peak_memory_kind": "peak_rss"}
+
+
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def with_own_kernels(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimizer state whose groups use *this* optimizer's kernels (fused, foreach):
+    a checkpoint of a fused DDP optimizer loads into FSDP's foreach one, and back. The
+    hyperparameters (lr, momentum, ...) come from the checkpoint, as torch loads them."""
+    if not saved.get("param_groups") or len(saved["param_groups"]) != len(
+            optimizer.param_groups):
+        return saved
+    groups = []
+    for group, mine in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        group = {k: v for k, v in group.items() if k not in IMPLEMENTATION}
+        groups.append({**group, **{k: mine[k] for k in IMPLEMENTATION if k in mine}})
+    return {**saved, "param_groups": groups}

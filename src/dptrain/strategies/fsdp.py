@@ -44,6 +44,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from dptrain.errors import UsageError
+from dptrain.strategies.base import with_own_kernels
 from dptrain.strategies.ddp import DistributedDataParallel
 
 if TYPE_CHECKING:
@@ -118,7 +119,8 @@ class FullyShardedDataParallel(DistributedDataParallel):
                         optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         set_model_state_dict(model, state["model"], options=FULL)
         try:
-            osd = _by_name(state["optimizer"], _group_names(model, optimizer))
+            osd = _by_name(with_own_kernels(state["optimizer"], optimizer),
+                           _group_names(model, optimizer))
             set_optimizer_state_dict(model, optimizer, osd, options=FULL)
         except (ValueError, KeyError, IndexError, RuntimeError) as exc:
             raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"

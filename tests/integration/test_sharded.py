@@ -1,0 +1,110 @@
+"""ZeRO-1 and FSDP2 on real gloo process groups: equal to one process, memory counted from
+the shards, resume at another world size (between ddp, zero and fsdp), kill -9 and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dptrain.verify import compare, run_pair
+from tests.conftest import clean_env, run_cli
+from tests.integration.test_features import _wait_for, _workers, bitwise_equal, params
+
+BASE = {"dataset": "synthetic", "data_root": "unused", "model": "myplugins:mlp", "lr": 0.05,
+        "momentum": 0.9, "seed": 5, "threads": 1}
+MLP_PARAMS = 784 * 32 + 32 + 32 * 10 + 10  # myplugins:mlp
+
+
+@pytest.mark.parametrize(("strategy", "nproc", "accum"), [
+    ("zero", 2, 1), ("zero", 3, 2), ("fsdp", 2, 2), ("fsdp", 3, 1)])
+def test_n_sharded_processes_equal_one_process(tmp_path, strategy, nproc, accum):
+    s1, sn = run_pair({**BASE, "batch_size": 8, "accum": accum}, nproc, 30, tmp_path, strategy)
+    assert sn["strategy"] == strategy and sn["world_size"] == nproc
+    diff, where = compare(params(tmp_path / "one"), params(tmp_path / f"{strategy}{nproc}"))
+    assert diff < 1e-5, where
+    assert sn["test_samples"] == 1000 and sn["test_accuracy"] == pytest.approx(
+        s1["test_accuracy"], abs=2e-3)
+    ranks = sn["memory_per_rank"]
+    assert len(ranks) == nproc
+    full = MLP_PARAMS * 4
+    if strategy == "fsdp":  # every rank holds its shard of parameters, gradients, momenta
+        assert sum(r["param_bytes"] for r in ranks) == full
+        assert all(r["param_bytes"] < full for r in ranks)
+        assert sum(r["optim_bytes"] for r in ranks) == full
+    else:  # zero: parameters and gradients replicated, momenta partitioned
+        assert all(r["param_bytes"] == r["grad_bytes"] == full for r in ranks)
+        assert sum(r["optim_bytes"] for r in ranks) == full
+    assert s1["optim_bytes"] == full and all(r["peak_memory_bytes"] > 0 for r in ranks)
+
+
+def test_resume_at_other_world_sizes_between_strategies_matches_the_uninterrupted_run(
+        tmp_path):
+    """Global batch 48 throughout: 1 x 48 uninterrupted == ddp 2 x 24 (steps 0-8), then
+    fsdp 3 x 16 (8-16), then zero 4 x 12 chosen by --keep-global-batch (16-24)."""
+    common = ["train", "--dataset", "synthetic", "--model", "myplugins:mlp", "--lr", "0.05",
+              "--momentum", "0.9", "--seed", "5", "--threads", "1", "--epochs", "5",
+              "--ckpt-every", "8", "--quiet"]
+    ref = run_cli(*common, "--batch-size", "48", "--max-steps", "24", "--out",
+                  str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = str(tmp_path / "moved")
+    legs = [("ddp", "2", ["--batch-size", "24"], 8),
+            ("fsdp", "3", ["--batch-size", "16", "--resume", "auto"], 16),
+            ("zero", "4", ["--batch-size", "5", "--keep-global-batch", "--resume", "auto"], 24)]
+    for strategy, nproc, extra, steps in legs:
+        r = run_cli(*common, "--strategy", strategy, "--nproc", nproc, *extra, "--max-steps",
+                    str(steps), "--out", out, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = json.loads((Path(out) / "summary.json").read_text())
+        assert (s["strategy"], s["world_size"], s["steps"], s["global_batch"]) == (
+            strategy, int(nproc), steps, 48)
+    config = (Path(out) / "config.toml").read_text()
+    assert "batch_size = 12" in config  # what --keep-global-batch chose for 4 processes
+    diff, where = compare(params(tmp_path / "ref"), params(Path(out)))
+    assert diff < 1e-5, where
+
+
+def test_another_global_batch_is_refused_with_the_settings_that_keep_it(tmp_path):
+    out = tmp_path / "run"
+    first = run_cli("train", "--dataset", "synthetic", "--batch-size", "24", "--nproc", "2",
+                    "--max-steps", "4", "--quiet", "--threads", "1", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    r = run_cli("train", "--dataset", "synthetic", "--batch-size", "24", "--strategy", "fsdp",
+                "--nproc", "3", "--max-steps", "8", "--quiet", "--threads", "1",
+                "--resume", "auto", "--out", str(out))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "global batch of 48" in lines[0]
+    assert "--batch-size 16 --accum 1 keeps it with 3 processes" in lines[0]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_kill_9_a_worker_during_fsdp_then_restart_finishes_bitwise(tmp_path):
+    args = ["train", "--dataset", "synthetic", "--threads", "1", "--strategy", "fsdp",
+            "--nproc", "2", "--model", "myplugins:mlp", "--batch-size", "16", "--momentum",
+            "0.9", "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"]
+    ref = run_cli(*args, "--out", str(tmp_path / "ref"), timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain", *args, "--max-restarts", "2",
+                             "--out", str(tmp_path / "killed")], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-00000020.pt", proc)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["steps"] == 60
+    assert bitwise_equal(params(tmp_path / "ref"), params(tmp_path / "killed"))
+    last = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(not k.startswith("module.") for k in last["model"])  # plain, consolidated
+    assert last["model"]["1.weight"].shape == (32, 784)
