@@ -196,7 +196,7 @@ class Session:
     def _optimizer(self, optimizer: OptimizerArg, wrapped: nn.Module) -> torch.optim.Optimizer:
         if isinstance(optimizer, str):
             cfg = self.cfg.replace(optimizer=optimizer)
-            cfg.validate()
+            cfg.replace(model="linear", dataset="synthetic").validate()  # the name, the lr
             self.cfg = cfg
             return self.strategy.build_optimizer(cfg, wrapped)
         self.strategy.grad_clip = self.cfg.grad_clip  # what build_optimizer would set
