@@ -34,15 +34,46 @@ TEMPLATE = """\
 #SBATCH --cpus-per-task={cpus}
 {gpu_line}#SBATCH --time={time}
 #SBATCH --output={log}
-#SBATCH --signal=TERM@60
-{partition_line}
+{signal_lines}{partition_line}
 set -euo pipefail
 # rank 0's node hosts the rendezvous; the port is derived from the job id
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS={threads}
+{launch}"""
 # one task per device; a failed task ends the whole step (no rank left hanging)
-srun --kill-on-bad-exit=1 {python} -m dptrain train {args}
+SRUN = "srun --kill-on-bad-exit=1 {python} -m dptrain train {args}"
+PLAIN = """\
+# one task per device; a failed task ends the whole step (no rank left hanging)
+{srun}
+"""
+REQUEUE = """\
+# on USR1 ({lead} s before the time limit, or `scancel --signal=USR1 --batch $SLURM_JOB_ID`):
+# every task checkpoints and stops (srun forwards the signal), then the job requeues itself;
+# the next start resumes from the same --out (--resume auto)
+stop=0
+step=""
+on_usr1() {{
+    stop=1
+    echo "dptrain slurm: USR1 received: checkpoint, then requeue job $SLURM_JOB_ID"
+    if [ -n "$step" ]; then kill -USR1 "$step" 2>/dev/null || true; fi
+}}
+trap on_usr1 USR1
+# one task per device; a failed task ends the whole step (no rank left hanging)
+{srun} &
+step=$!
+if [ "$stop" = 1 ]; then kill -USR1 "$step" 2>/dev/null || true; fi
+status=0
+while :; do  # `wait` returns early when the trap runs: wait again until srun has exited
+    if wait "$step"; then status=0; else status=$?; fi
+    kill -0 "$step" 2>/dev/null || break
+done
+if [ "$stop" = 1 ] && [ "$status" != 0 ]; then
+    echo "dptrain slurm: stopped with status $status after USR1; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"
 """
 
 
@@ -62,6 +93,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--job-name", default="dptrain", help="job name (default: dptrain)")
     p.add_argument("--python", default=sys.executable,
                    help="Python with dptrain installed (default: this one)")
+    p.add_argument("--requeue", action="store_true",
+                   help="preemptible: #SBATCH --requeue, a fixed --out and --resume auto; on "
+                        "USR1 (SIGNAL_LEAD s before the time limit) the job checkpoints and "
+                        "requeues itself, and the next start continues exactly")
+    p.add_argument("--signal-lead", type=int, default=120, metavar="SECONDS",
+                   help="with --requeue: seconds before the time limit that USR1 is sent "
+                        "(default: 120; leave time for one step and a checkpoint)")
     p.add_argument("-o", "--output", default="-", help="script path (default: stdout)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="arguments for dptrain train (after --)")
@@ -94,18 +132,34 @@ def check_time(value: str) -> str:
     return value.strip()
 
 
+def time_seconds(value: str) -> int | None:
+    """Seconds in a (checked) sbatch time limit; None for UNLIMITED."""
+    m = _TIME.fullmatch(check_time(value))
+    if m is None:
+        return None
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "d" in g:
+        return ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    if "h" in g:
+        return (g["h"] * 60 + g["hm"]) * 60 + g["hs"]
+    return g["m"] * 60 + g.get("ms", 0)
+
+
 def _check_word(flag: str, value: str) -> None:
     if not value or any(c.isspace() for c in value):
         raise UsageError(f"{flag} {value!r} must be one word (no spaces or newlines); "
                          f"choose another {flag}")
 
 
-def check_train_args(train_args: list[str], cpus: int = 1) -> tuple[list[str], int]:
+def check_train_args(train_args: list[str], cpus: int = 1,
+                     requeue: bool = False) -> tuple[list[str], int]:
     """Validate the arguments after ``--`` exactly as ``dptrain train`` would (its parser and
     :func:`~dptrain.cli.resolve_config`) and decide the intra-op threads of each process.
 
     Returns the arguments to put in the script (with ``--threads`` added once, unless the user
-    gave it) and the thread count for ``OMP_NUM_THREADS``."""
+    gave it) and the thread count for ``OMP_NUM_THREADS``. ``requeue``: every start of the
+    job must continue the same run, so ``--resume`` is ``auto`` (added) and ``--out`` fixed
+    (checked by :func:`render`)."""
     from dptrain import cli
 
     args = list(train_args)
@@ -137,6 +191,13 @@ def check_train_args(train_args: list[str], cpus: int = 1) -> tuple[list[str], i
         cfg = cli.resolve_config(ns)
     except UsageError as exc:
         raise UsageError(f"{exc} {where}") from None
+    if requeue:
+        if cfg.resume and cfg.resume != "auto":
+            raise UsageError(f"--resume {cfg.resume} {where} would restart from that checkpoint "
+                             "at every requeue; --requeue resumes from --out with --resume auto "
+                             "(drop --resume, or copy the checkpoint into OUT/checkpoints/)")
+        if not hasattr(ns, "resume"):
+            args = [*args, "--resume", "auto"]
     if hasattr(ns, "threads"):  # given after --: keep it once, and let OpenMP agree
         return args, cfg.threads or cpus
     if cfg.threads:  # from --config FILE or a recipe: the script must not override it
@@ -146,7 +207,9 @@ def check_train_args(train_args: list[str], cpus: int = 1) -> tuple[list[str], i
 
 def render(nodes: int, procs: int, *, gpus: bool = False, cpus: int = 1, time: str = "01:00:00",
            partition: str = "", job_name: str = "dptrain", python: str = sys.executable,
-           train_args: list[str] | None = None) -> str:
+           train_args: list[str] | None = None, requeue: bool = False,
+           signal_lead: int = 120) -> str:
+    """The sbatch script; every argument checked first (a :class:`UsageError` otherwise)."""
     for name, value in (("--nodes", nodes), ("--procs-per-node", procs),
                         ("--cpus-per-task", cpus)):
         if value < 1:
@@ -158,13 +221,28 @@ def render(nodes: int, procs: int, *, gpus: bool = False, cpus: int = 1, time: s
     if not python or "\n" in python:
         raise UsageError(f"--python {python!r} is not a path; pass the Python that has dptrain "
                          "installed")
-    args, threads = check_train_args(list(train_args or []), cpus)
+    args, threads = check_train_args(list(train_args or []), cpus, requeue)
+    srun = SRUN.format(python=shlex.quote(python), args=" ".join(shlex.quote(a) for a in args))
+    if requeue:
+        limit = time_seconds(time)
+        if signal_lead < 1 or (limit is not None and signal_lead >= limit):
+            raise UsageError(f"--signal-lead {signal_lead} must be at least 1 and less than the "
+                             f"time limit ({time} = {limit} s); e.g. --signal-lead 120 with "
+                             "--time 01:00:00")
+        if "--out" not in args and not any(a.startswith("--out=") for a in args):
+            # the same directory at every start of this job: the job id survives a requeue
+            srun += " --out " + shlex.quote(f"runs/{job_name}-") + '"$SLURM_JOB_ID"'
+        launch = REQUEUE.format(srun=srun, lead=signal_lead)
+        signal_lines = (f"#SBATCH --signal=B:USR1@{signal_lead}\n#SBATCH --requeue\n"
+                        "#SBATCH --open-mode=append\n")
+    else:
+        launch, signal_lines = PLAIN.format(srun=srun), "#SBATCH --signal=TERM@60\n"
     return TEMPLATE.format(
         nodes=nodes, procs=procs, cpus=cpus, threads=threads, time=shlex.quote(time),
         job_name=shlex.quote(job_name), log="dptrain-%j.out",
         gpu_line=f"#SBATCH --gpus-per-node={procs}\n" if gpus else "",
         partition_line=f"#SBATCH --partition={shlex.quote(partition)}\n" if partition else "",
-        python=shlex.quote(python), args=" ".join(shlex.quote(a) for a in args))
+        signal_lines=signal_lines, launch=launch)
 
 
 def _written_by_us(path: Path) -> bool:
@@ -204,7 +282,8 @@ def write_script(path: Path, text: str) -> None:
 def cmd_slurm(args: argparse.Namespace) -> int:
     text = render(args.nodes, args.procs_per_node, gpus=args.gpus, cpus=args.cpus_per_task,
                   time=args.time, partition=args.partition, job_name=args.job_name,
-                  python=args.python, train_args=args.train_args)
+                  python=args.python, train_args=args.train_args, requeue=args.requeue,
+                  signal_lead=args.signal_lead)
     if args.output == "-":
         sys.stdout.write(text)
     else:
