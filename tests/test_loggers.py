@@ -204,3 +204,16 @@ def test_resume_continues_the_same_mlflow_run(tmp_path, mlflow_env):
     assert run.info.status == "FINISHED"
     # params are immutable in MLflow: the value the resumed run changed is kept as a tag
     assert run.data.params["max_steps"] == "10" and run.data.tags["resumed.max_steps"] == "20"
+
+
+def test_a_store_mlflow_cannot_open_is_one_error_line_before_any_file(tmp_path, mlflow_env,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://host/path")
+    out = tmp_path / "run"
+    code = cli.main(["train", *TINY, "--data-root", str(tmp_path / "data"), "--out", str(out),
+                     "--logger", "mlflow"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --logger mlflow: cannot open the MLflow run at "
+                             "nosuchscheme://host/path: ")
+    assert [p.name for p in out.iterdir() if p.name != ".dptrain.lock"] == []

@@ -257,11 +257,13 @@ class MlflowLogger(Logger):
             else:
                 self.client.update_run(run.info.run_id, status="RUNNING")
             self.run_id = run.info.run_id
-        except self.mlflow.exceptions.MlflowException as exc:
+        except Exception as exc:  # noqa: BLE001 - a store's own errors (MlflowException,
+            # a missing driver such as sqlalchemy, an unreachable server) are input errors here
             raise self._error("cannot open the MLflow run", exc) from None
 
     def _error(self, what: str, exc: Exception) -> UsageError:
-        message = str(getattr(exc, "message", exc)).splitlines()[0][:300]
+        message = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])
+        message = message[0].split(" See http")[0][:300]
         return UsageError(f"--logger mlflow: {what} at {self.uri}: {message}; fix "
                           "$MLFLOW_TRACKING_URI or drop mlflow from --logger")
 
@@ -330,8 +332,10 @@ def open_loggers(names: list[str], out: Path, *, resumed: bool) -> list[Logger]:
     """The loggers for ``names``, opened on ``out`` (which exists). A failure closes the ones
     already opened."""
     opened: list[Logger] = []
+    # the stores that can refuse (a server, a URI) before the run's own files
+    order = sorted(names, key=lambda n: n in ("jsonl", "csv"))
     try:
-        for name in names:
+        for name in order:
             if name == "jsonl":
                 opened.append(JsonlLogger(out))
             elif name == "csv":

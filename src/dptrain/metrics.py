@@ -201,8 +201,9 @@ class Reporter:
         lg.preload(self.logger_names)  # first: a missing package must not half-start a run
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = (self.out / "config.toml").exists()
-        write_text_atomic(self.out / "config.toml", config_toml)
+        # the loggers first: one that cannot open its store leaves no config.toml behind
         self._loggers = lg.open_loggers(self.logger_names, self.out, resumed=resumed)
+        write_text_atomic(self.out / "config.toml", config_toml)
         self._started = True
         config = tomllib.loads(config_toml)
         for logger in self._loggers:
