@@ -42,6 +42,14 @@ def test_n_sharded_processes_equal_one_process(tmp_path, strategy, nproc, accum)
         assert all(r["param_bytes"] == r["grad_bytes"] == full for r in ranks)
         assert sum(r["optim_bytes"] for r in ranks) == full
     assert s1["optim_bytes"] == full and all(r["peak_memory_bytes"] > 0 for r in ranks)
+    # the prediction from the model's shapes is every rank's measured figure (exact)
+    from dptrain.memory import predict, shapes
+    from dptrain.models import build_model
+
+    predicted = predict(shapes(build_model("myplugins:mlp")), strategy, nproc, states=1)
+    for got, want in zip(ranks, predicted, strict=True):
+        for key in ("param_bytes", "grad_bytes", "optim_bytes"):
+            assert got[key] == want[key], (key, got[key], want[key])
 
 
 def test_resume_at_other_world_sizes_between_strategies_matches_the_uninterrupted_run(

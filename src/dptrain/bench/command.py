@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from dptrain.bench.plan import Config
 
 DEFAULTS: dict[str, Any] = {
-    "strategies": "single,dp,ddp", "nproc": "1,2", "model": "convnet", "batch_size": 64,
+    "strategies": "single,dp,ddp,zero,fsdp", "nproc": "1,2", "model": "convnet", "batch_size": 64,
     "steps": 50, "warmup": 5, "repeats": 3, "dataset": "mnist", "threads": 0, "seed": 0,
     "lr": 0.01, "device": "auto", "bucket_cap_mb": 25.0, "sizes": None, "iters": 20,
     "baseline_steps": 300,
@@ -54,7 +54,7 @@ examples:
 """
 
 FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("strategies", str, "comma-separated strategies: single, dp, ddp"),
+    ("strategies", str, "comma-separated strategies: single, dp, ddp, zero, fsdp"),
     ("nproc", str, "comma-separated process counts (GPUs for dp); 'auto' = GPUs or cores"),
     ("model", str, "model name, or package.module:factory"),
     ("batch_size", int, "samples per process (per GPU for dp) per step"),

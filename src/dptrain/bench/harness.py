@@ -70,6 +70,59 @@ def _sync(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+# torch.distributed functions -> the collective they are; (output, input) ones count the input
+_FUNCTIONS = {"all_reduce": "all_reduce", "broadcast": "broadcast",
+              "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+              "reduce_scatter_tensor": "reduce_scatter",
+              "reduce_scatter_single": "reduce_scatter"}
+_OUTPUT_FIRST = ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+                 "reduce_scatter_single")
+
+
+class CollectiveCounter:
+    """Counts the bytes each ``torch.distributed`` collective is handed while active (the
+    functions are wrapped at module level, where DDP's default hook, ZeroRedundancyOptimizer
+    and FSDP2 look them up). The shared-memory all-reduce does not go through them: DDP's comm
+    hook counts that path (``allreduce_bytes``)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as tdist
+
+        self.tdist = tdist
+        self.bytes = dict.fromkeys(COLLECTIVES, 0)
+        self.calls = dict.fromkeys(COLLECTIVES, 0)
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in _FUNCTIONS:
+            real = getattr(self.tdist, name, None)
+            if real is not None:
+                self._saved[name] = real
+                setattr(self.tdist, name, self._counting(name, real))
+        return self
+
+    def _counting(self, name: str, real: Any) -> Any:
+        kind = _FUNCTIONS[name]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if name in _OUTPUT_FIRST:
+                t = args[1] if len(args) > 1 else kwargs.get("input",
+                                                             kwargs.get("input_tensor"))
+            else:
+                t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor):
+                self.bytes[kind] += t.numel() * t.element_size()
+            self.calls[kind] += 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc: object) -> None:
+        for name, real in self._saved.items():
+            setattr(self.tdist, name, real)
+
+
 def _batches(loader: Any) -> Iterator[list[Batch]]:
     """Endless stream of this rank's steps (one micro-batch each), epoch after epoch."""
     for epoch in itertools.count():
@@ -143,8 +196,9 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         raise UsageError(f"--batch-size {cfg.batch_size} x {strategy.world_size} processes is "
                          f"larger than the training split ({len(splits.train_x)}); lower it")
     wrapped = strategy.wrap(model)
-    train_step = TrainStep(strategy, wrapped, strategy.build_optimizer(cfg, wrapped),
-                           Objective(cfg.loss), Precision(cfg.precision, device))
+    optimizer = strategy.build_optimizer(cfg, wrapped)
+    train_step = TrainStep(strategy, wrapped, optimizer, Objective(cfg.loss),
+                           Precision(cfg.precision, device))
     batches = _batches(loader)
 
     def step(micro: list[Batch]) -> torch.Tensor:
@@ -158,10 +212,11 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     comm = strategy.comm
     calls0, bytes0 = (comm.calls, comm.bytes) if comm is not None else (0, 0)
     _sync(devices)
-    start = time.perf_counter()
-    losses = [step(next(batches)) for _ in range(steps)]
-    _sync(devices)
-    train_s = time.perf_counter() - start
+    with CollectiveCounter() as collectives:
+        start = time.perf_counter()
+        losses = [step(next(batches)) for _ in range(steps)]
+        _sync(devices)
+        train_s = time.perf_counter() - start
     calls = (comm.calls - calls0) if comm is not None else 0
     nbytes = (comm.bytes - bytes0) if comm is not None else 0
     loss_curve = torch.stack(losses).float().cpu().tolist()
@@ -214,6 +269,8 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         "data_times_s": data_times, "sync_times_s": sync_times,
         "nosync_times_s": nosync_times,
         "allreduce_calls": calls, "allreduce_bytes": nbytes, "grad_bytes": grad_bytes,
+        "collective_bytes": collectives.bytes, "collective_calls": collectives.calls,
+        "state_memory": strategy.memory(wrapped, optimizer),
         "loss_curve": loss_curve, "memory": memory,
     }
 
@@ -247,6 +304,10 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "global_batch": global_batch,
         "allreduce_calls_per_step": rs[0]["allreduce_calls"] / steps,
         "allreduce_bytes_per_step": rs[0]["allreduce_bytes"] / steps,
+        # rank 0's bytes handed to each torch.distributed collective, per step
+        "collective_bytes_per_step": {k: v / steps
+                                      for k, v in rs[0].get("collective_bytes", {}).items()},
+        "state_memory": [dict(r.get("state_memory", {}), rank=r["rank"]) for r in rs],
         "grad_bytes": rs[0]["grad_bytes"],
         "final_loss": loss_curve[-1],
         "loss_curve": loss_curve,

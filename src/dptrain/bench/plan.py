@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("single", "dp", "ddp")
+STRATEGIES = ("single", "dp", "ddp", "zero", "fsdp")
 
 
 @dataclass
@@ -70,8 +70,9 @@ def skip_reason(strategy: str, n: int, *, on_gpu: bool, gpus: int) -> str | None
                 "data parallelism is ddp over processes")
     if strategy == "dp" and n > gpus:
         return f"dp over {n} GPUs needs {n} GPUs; {gpus} visible"
-    if strategy == "ddp" and on_gpu and n > gpus:
-        return f"ddp needs one GPU per process: {n} processes, {gpus} GPU(s) visible"
+    if strategy in ("ddp", "zero", "fsdp") and on_gpu and n > gpus:
+        return (f"{strategy} needs one GPU per process: {n} processes, {gpus} GPU(s) "
+                "visible")
     return None
 
 

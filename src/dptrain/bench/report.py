@@ -234,6 +234,60 @@ def _load_warning(loads: list[float]) -> list[str]:
             "them.", ""]
 
 
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.3f}"
+
+
+def memory_rows(configs: list[Config], model: str, device_gib: tuple[float, ...] = (16, 24, 80)
+                ) -> list[str]:
+    """Per-rank model-state memory: measured (the tensors each rank holds) against the
+    prediction from the model's shapes, the bytes each collective carried per step, and the
+    prediction for N = 1..64 with the world size from which each strategy fits a device."""
+    from dptrain import memory
+    from dptrain.models import build_model
+
+    shapes = memory.shapes(build_model(model))
+    states = 1  # the bench trains SGD with momentum 0.9: one fp32 momentum per parameter
+    rows = ["Measured: the tensors each rank holds (a shard counts as its part). Collectives: "
+            "the bytes rank 0 hands to each collective per step (its input; shm = dptrain's "
+            "shared-memory all-reduce).", "",
+            "| configuration | rank | params (MiB) | grads (MiB) | optimizer (MiB) | predicted "
+            "total (MiB) | error | collectives per step (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in configs:
+        mem = c.summary.get("state_memory") if c.status == "ok" and c.summary else None
+        if not mem or c.strategy == "dp" or c.role == "baseline":
+            continue
+        strategy = "ddp" if c.strategy == "single" else c.strategy
+        predicted = memory.predict(shapes, strategy, len(mem), states=states)
+        coll = c.summary.get("collective_bytes_per_step") or {}
+        comm = ", ".join(f"{k} {_mib(v)}" for k, v in coll.items() if v) or "none"
+        if c.summary.get("allreduce_bytes_per_step") and not coll.get("all_reduce"):
+            comm = f"all_reduce (shm) {_mib(c.summary['allreduce_bytes_per_step'])}" + (
+                f", {comm}" if comm != "none" else "")
+        for r, (got, want) in enumerate(zip(mem, predicted, strict=True)):
+            total = got["param_bytes"] + got["grad_bytes"] + got["optim_bytes"]
+            err = abs(total - want["total"]) / want["total"] if want["total"] else 0.0
+            rows.append(f"| {c.name} | {r} | {_mib(got['param_bytes'])} | "
+                        f"{_mib(got['grad_bytes'])} | {_mib(got['optim_bytes'])} | "
+                        f"{_mib(want['total'])} | {err:.1%} | {comm if r == 0 else ''} |")
+    table = memory.table(shapes, states=states)
+    rows += ["", "Predicted largest rank's model state (MiB) for N processes:", "",
+             "| N | ddp (replicated) | zero (optimizer sharded) | fsdp (all sharded) |",
+             "| --- | --- | --- | --- |"]
+    rows += [f"| {t['n']} | {_mib(t['ddp'])} | {_mib(t['zero'])} | {_mib(t['fsdp'])} |"
+             for t in table]
+    rows.append("")
+    for gib in device_gib:
+        fits = {st: memory.fits_from(shapes, int(gib * 2**30), states=states, strategy=st)
+                for st in ("ddp", "zero", "fsdp")}
+        rows.append(f"- a {gib:g} GiB device holds this model's state "
+                    + ", ".join(f"with {st} from N = {n}" if n else f"with {st} at no N <= 64"
+                                for st, n in fits.items())
+                    + " (parameters, gradients, optimizer state; activations come on top).")
+    return rows
+
+
 def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> str:
     """Write ``out/report.md`` and return its text."""
     m, o, comm, pred = (results["machine"], results["options"], results["comm"],
@@ -274,6 +328,8 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         "## Roofline: achieved FLOP/s against this machine's peak", "",
         *roofline_rows(results.get("roofline")), "",
         "## DP vs DDP, measured", "", *dp_vs_ddp(configs), "",
+        "## Memory per rank: measured and predicted", "", *memory_rows(configs, o["model"]),
+        "",
         "## What the device-resident pipeline buys", "", *baseline_rows(configs), "",
         f"## All-reduce sweep ({', '.join(sorted({_path(s) for s in comm['sweeps']}))})",
         "",
