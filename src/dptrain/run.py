@@ -61,6 +61,7 @@ def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | No
     finally:
         if run is not None:
             run.reporter.close()
+            run.release()
         for held in lock:
             held.release()
         strategy.teardown()
@@ -166,6 +167,16 @@ class Run:
                 return {"model_flops_per_sample": None, "mfu": None}
 
         return self.strategy.main_only(count)
+
+    def release(self) -> None:
+        """Drop the wrapped model and the optimizer before the process group is destroyed.
+        DDP's reducer (and ZeRO's optimizer) hold the gloo group: freed after it, the group's
+        destructor would run in their deallocation, with the GIL held, and join a gloo thread
+        that waits for the GIL to free a finished collective's tensors -- a deadlock at exit."""
+        import gc
+
+        self.model = self.optimizer = None
+        gc.collect()
 
     # ------------------------------------------------------------------ data and model
     def build_model(self) -> torch.nn.Module:
