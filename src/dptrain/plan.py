@@ -121,6 +121,9 @@ def make_plan(cfg: TrainConfig, env: DistEnv, hw: Hardware | None = None) -> Pla
         raise UsageError("--sync-bn cannot apply to --strategy fsdp (BatchNorm statistics "
                          "stay per rank); drop --sync-bn, or use --strategy ddp or zero")
     _check_out(cfg.out)
+    from dptrain import loggers
+
+    loggers.check_available(loggers.parse(cfg.logger, cfg.tensorboard))  # before --out exists
     world = 1 if strategy in ONE_PROCESS else nproc * nnodes
     threads = cfg.threads or max(1, hw.cores // max(1, nproc))
     from dptrain.data.datasets import RAW_DIRS

@@ -302,7 +302,7 @@ class Run:
         """Final evaluation and checkpoint -- or, stopped by a signal, only the checkpoint
         the loop already wrote."""
         if result.stopped_by_signal:
-            self.reporter.warning(f"stop requested (SIGTERM): checkpoint written at step "
+            self.reporter.warning(f"stop requested (signal): checkpoint written at step "
                                   f"{pos.step}; continue with --resume auto")
             return
         if self.last_eval.get("step") != pos.step:
