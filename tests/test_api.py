@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import dptrain
+from dptrain import cli
 from dptrain.errors import UsageError
 from dptrain.verify import compare
 from tests.conftest import ROOT, clean_env, run_cli, train_inproc
@@ -59,13 +61,81 @@ def test_unused_parameters_without_the_flag_fail_with_advice(tmp_path):
     assert "find_unused_parameters" in r.stderr
 
 
-def test_fit_in_process_and_rejects_non_importable_factories(tmp_path):
+def test_fit_in_process_returns_the_summary_and_the_trained_model(tmp_path):
     s = dptrain.fit("linear", "synthetic", max_steps=30, out=str(tmp_path / "f"), quiet=True)
-    assert s["steps"] == 30 and s["test_accuracy"] > 0.5
-    with pytest.raises(UsageError, match="top-level function"):
-        dptrain.fit(lambda: torch.nn.Linear(784, 10), "synthetic")
+    assert s["steps"] == 30 and s["test_accuracy"] > 0.5 and s["replayable"] is True
+    assert isinstance(s, dict) and s.model is not None  # FitResult: still the summary dict
+    saved = params(tmp_path / "f")
+    assert all(torch.equal(v, saved[k]) for k, v in s.model.state_dict().items())
     with pytest.raises(UsageError, match="unknown key 'lrate'"):
         dptrain.fit("linear", "synthetic", lrate=0.1)
+
+
+def mlp(hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+
+
+def test_fit_takes_an_instance_and_says_config_toml_cannot_replay_it(tmp_path, capsys):
+    net = mlp(8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = dptrain.fit(net, "synthetic", max_steps=20, out=str(tmp_path / "i"), quiet=True)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # not changed
+    saved = params(tmp_path / "i")
+    assert all(torch.equal(v, saved[k]) for k, v in r.model.state_dict().items())
+    assert not any(torch.equal(v, before[k]) for k, v in r.model.state_dict().items())
+    assert r.replayable is False and "nn.Module instance (Sequential)" in r[
+        "not_replayable_because"]
+    assert "warning: this run cannot be replayed" in capsys.readouterr().err
+    assert (tmp_path / "i" / "config.toml").read_text().startswith("# replayable = false: ")
+    assert json.loads((tmp_path / "i" / "summary.json").read_text())["replayable"] is False
+    # the CLI says why instead of training something else
+    assert cli.main(["train", "--config", str(tmp_path / "i" / "config.toml"), "--out",
+                     str(tmp_path / "replay")]) == 2
+    assert "was a Python object given to dptrain.fit" in capsys.readouterr().err
+
+
+def test_fit_sends_a_partial_to_two_workers_and_refuses_what_cannot_be_pickled(tmp_path):
+    r = dptrain.fit(functools.partial(mlp, hidden=16), "synthetic", nproc=2, max_steps=10,
+                    threads=1, out=str(tmp_path / "p"), quiet=True)
+    assert r["world_size"] == 2 and r["steps"] == 10 and r.model[1].out_features == 16
+    saved = params(tmp_path / "p")
+    assert all(torch.equal(v, saved[k]) for k, v in r.model.state_dict().items())
+    with pytest.raises(UsageError, match="cannot be pickled.*define it at the top level"):
+        dptrain.fit(lambda: mlp(4), "synthetic", nproc=2, out=str(tmp_path / "l"))
+    assert not (tmp_path / "l").exists()  # refused before anything started
+
+
+def test_fit_from_stdin_without_a_main_guard_forks_two_workers(tmp_path):
+    code = (
+        "import torch, dptrain\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.f(x)\n"
+        f"r = dptrain.fit(Net(), 'synthetic', nproc=2, max_steps=10, threads=1, quiet=True, "
+        f"out={str(tmp_path / 's')!r})\n"
+        "print('world', r['world_size'], type(r.model).__name__, r['test_samples'])\n")
+    p = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                       env=clean_env(), timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "world 2 Net 1000" in p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def test_fork_is_refused_with_advice_where_it_is_unsafe():
+    import types
+
+    from dptrain.api import start_method
+
+    stdin = types.ModuleType("__main__")
+    stdin.__file__ = "<stdin>"
+    with pytest.raises(UsageError, match=r"runs from <stdin>.*CUDA.*if __name__"):
+        start_method(types.SimpleNamespace(device="cuda", nproc=2), {}, {}, main=stdin)
+    assert start_method(types.SimpleNamespace(device="cpu", nproc=2), {}, {},
+                        main=stdin) == "fork"
 
 
 def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
