@@ -81,7 +81,7 @@ def test_sizes() -> None:
 def test_options_defaults_quick_and_overrides() -> None:
     o = command.options(parse("--quick", "--steps", "7", "--data-root", "/d"))
     assert o["steps"] == 7 and o["repeats"] == 2 and o["warmup"] == 3  # flag beats --quick
-    assert o["strategies"] == ["single", "dp", "ddp"] and o["nprocs"] == [1, 2]
+    assert o["strategies"] == ["single", "dp", "ddp", "zero", "fsdp"] and o["nprocs"] == [1, 2]
     assert o["model"] == "convnet" and o["batch_size"] == 64 and o["data_root"] == "/d"
     assert max(o["sizes"]) < max(command.options(parse())["sizes"])  # smaller sweep
     full = command.options(parse("--nproc", "2,1,2", "--strategies", "ddp,ddp"))
@@ -93,7 +93,7 @@ def test_options_defaults_quick_and_overrides() -> None:
 @pytest.mark.parametrize("argv,match", [
     (("--nproc", "0"), "--nproc"),
     (("--nproc", "two"), "--nproc"),
-    (("--strategies", "ddp,fsdp"), "--strategies"),
+    (("--strategies", "ddp,horovod"), "--strategies"),
     (("--steps", "0"), "--steps"),
     (("--repeats", "0"), "--repeats"),
     (("--warmup", "-1"), "--warmup"),
@@ -134,7 +134,7 @@ def test_help_lists_every_flag_with_default(capsys) -> None:
                  "--repeats", "--dataset", "--data-root", "--threads", "--out", "--quick",
                  "--sizes", "--iters", "--baseline-steps"):
         assert flag in text
-    assert "default: single,dp,ddp" in text and "--quick: 30" in text
+    assert "default: single,dp,ddp,zero,fsdp" in " ".join(text.split()) and "--quick: 30" in text
 
 
 def test_registered_in_the_main_cli(monkeypatch, capsys) -> None:

@@ -70,6 +70,8 @@ def skip_reason(strategy: str, n: int, *, on_gpu: bool, gpus: int) -> str | None
                 "data parallelism is ddp over processes")
     if strategy == "dp" and n > gpus:
         return f"dp over {n} GPUs needs {n} GPUs; {gpus} visible"
+    if strategy in ("zero", "fsdp") and n == 1:
+        return f"{strategy} over one process shards nothing (it is single's memory and speed)"
     if strategy in ("ddp", "zero", "fsdp") and on_gpu and n > gpus:
         return (f"{strategy} needs one GPU per process: {n} processes, {gpus} GPU(s) "
                 "visible")

@@ -256,7 +256,8 @@ def memory_rows(configs: list[Config], model: str, device_gib: tuple[float, ...]
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in configs:
         mem = c.summary.get("state_memory") if c.status == "ok" and c.summary else None
-        if not mem or c.strategy == "dp" or c.role == "baseline":
+        if (not mem or c.strategy == "dp" or c.role == "baseline"
+                or not all("param_bytes" in m for m in mem)):
             continue
         strategy = "ddp" if c.strategy == "single" else c.strategy
         predicted = memory.predict(shapes, strategy, len(mem), states=states)
