@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dptrain.errors import UsageError
+from dptrain.procs import pid_alive
 
 if TYPE_CHECKING:
     from dptrain.config import TrainConfig
@@ -328,16 +329,6 @@ def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.n
 
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Checkpointer:
@@ -356,7 +347,7 @@ class Checkpointer:
         removed = []
         for p in self.dir.iterdir():
             m = _TEMPORARY.match(p.name)
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p)
         return removed

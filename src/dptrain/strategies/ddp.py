@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,12 @@ class DistributedDataParallel(Strategy):
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        # Let gloo's worker threads free their finished collectives now: each needs the GIL
+        # to drop the tensors it held. The group's destructor joins those threads, and it runs
+        # -- GIL held -- wherever its last reference dies (DDP's reducer, a ZeRO optimizer,
+        # maybe a user's model after Session.close()); a thread still waiting for the GIL
+        # then deadlocks the process at exit. Sleeping releases the GIL for them.
+        time.sleep(0.05)
         dist.destroy_process_group()
 
     def _shm_blocker(self) -> str | None:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from dptrain.errors import UsageError
+from dptrain.procs import pid_alive, pid_namespace
 
 SHM_DIR = "/dev/shm"
 HEADER = 4096  # one 64-byte line per rank: [sequence, pid], then padding
@@ -71,17 +72,11 @@ PREFIX = "dptrain-allreduce-"
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[0-9a-f]+")
 
 
-def _pid_namespace() -> str:
-    """This process's pid namespace (its inode): a pid means something only within it."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "0"
 
 
 def segment_path(directory: str = SHM_DIR) -> str:
     """A fresh segment name naming its creator: ``dptrain-allreduce-<pidns>-<pid>-<random>``."""
-    return os.path.join(directory, f"{PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    return os.path.join(directory, f"{PREFIX}{pid_namespace()}-{os.getpid()}-"
                                    f"{uuid.uuid4().hex[:16]}")
 
 
@@ -89,7 +84,7 @@ def sweep_stale(directory: str = SHM_DIR) -> list[str]:
     """Remove the segments whose creator is dead (it was killed before it could unlink its
     file); only names this module makes, only creators in our pid namespace. Returns the paths
     removed."""
-    ns, removed = _pid_namespace(), []
+    ns, removed = pid_namespace(), []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -99,7 +94,7 @@ def sweep_stale(directory: str = SHM_DIR) -> list[str]:
         if m is None or m.group(1) != ns:
             continue
         pid = int(m.group(2))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
@@ -220,25 +215,10 @@ class ShmAllReduce:
     def _check_alive(self, ranks: list[int]) -> None:
         for r in ranks:
             pid = self._pids[r] if self._pids else 0
-            if pid > 0 and not _alive(pid):
+            if pid > 0 and not pid_alive(pid):
                 raise ShmError(f"shared-memory all-reduce: rank {r} (pid {pid}) died")
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie, exited but not yet reaped by its parent, counts as dead)."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def connect(rank: int, world_size: int, timeout_s: float, blocker: str | None, *,
