@@ -107,3 +107,62 @@ def test_chunked_gather_equals_one_gather_per_micro_batch(monkeypatch, chunk, wo
                 if augment == "shift":
                     raw = random_shift(raw, 5, 1, step, k, rank)
                 assert torch.equal(xb, norm(raw)) and torch.equal(yb, y.index_select(0, idx))
+
+
+class _Squares(torch.utils.data.Dataset):
+    """A deterministic map-style Dataset: sample i is (uint8 image of value i % 256, i)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8), i
+
+
+def _dataset_batches(workers: int, rank: int = 0, world: int = 2, epochs: int = 2,
+                     start_step: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from dptrain.data.loader import DatasetLoader
+
+    loader = DatasetLoader(_Squares(203), batch_size=8, rank=rank, world=world, accum=2, seed=5,
+                           normalize=Normalizer(0.1307, 0.3081), device=torch.device("cpu"),
+                           num_workers=workers)
+    assert loader.loader().persistent_workers is (workers > 0)
+    assert loader.loader().pin_memory is False  # CPU device: nothing to pin for
+    out = []
+    for epoch in range(epochs):
+        for micro in loader.epoch(epoch, start_step if epoch == 0 else 0):
+            out.extend(micro)
+    return out
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_dataset_workers_give_bitwise_the_same_batches(rank):
+    plain = _dataset_batches(0, rank)
+    workers = _dataset_batches(2, rank)
+    assert len(plain) == len(workers) == 2 * (203 // 32) * 2
+    for (x0, y0), (x1, y1) in zip(plain, workers, strict=True):
+        assert torch.equal(y0, y1)
+        assert torch.equal(x0, x1) and x0.dtype == torch.float32
+
+
+def test_dataset_loader_uses_the_tensor_paths_indices():
+    """The Dataset path yields, per rank, exactly the samples the tensor path would."""
+    data = _Squares(203)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.arange(len(data))
+    norm = Normalizer(0.1307, 0.3081)
+    tensor = ShardedLoader(x, y, batch_size=8, rank=1, world=2, accum=2, seed=5, normalize=norm)
+    want = [b for e in range(2) for m in tensor.epoch(e) for b in m]
+    got = _dataset_batches(2, rank=1)
+    for (xw, yw), (xg, yg) in zip(want, got, strict=True):
+        assert torch.equal(yw, yg) and torch.equal(xw, xg)
+
+
+def test_dataset_workers_resume_mid_epoch():
+    full = _dataset_batches(2, 0, epochs=1)
+    resumed = _dataset_batches(2, 0, epochs=1, start_step=3)
+    assert [y.tolist() for _, y in resumed] == [y.tolist() for _, y in full[3 * 2:]]

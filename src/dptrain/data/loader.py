@@ -141,11 +141,15 @@ class DatasetLoader(ShardedLoader):
     def __init__(self, dataset: torch.utils.data.Dataset, *, batch_size: int, rank: int,
                  world: int, accum: int, seed: int, normalize: Normalizer,
                  device: torch.device, num_workers: int = 0,
-                 prepare: Prepare | None = None) -> None:
+                 prepare: Prepare | None = None, pin_memory: bool | None = None) -> None:
         self.dataset = dataset
         self.device = device
         self.num_workers = num_workers
+        self.pin_memory = (torch.device(device).type == "cuda" if pin_memory is None
+                           else pin_memory)
         self.prepare = prepare or (lambda x, y: (x, y))
+        self._sampler = _BatchList()
+        self._loader: torch.utils.data.DataLoader | None = None
         n = len(dataset)
         super().__init__(_Length(n), _Length(n), batch_size=batch_size, rank=rank, world=world,
                          accum=accum, seed=seed, normalize=normalize)
@@ -153,20 +157,42 @@ class DatasetLoader(ShardedLoader):
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
 
+    def loader(self) -> torch.utils.data.DataLoader:
+        """One DataLoader for the whole run (its workers persist across epochs); the batch
+        sampler it iterates is refilled with each epoch's indices."""
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return self._loader
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
         perm = self.permutation(epoch)
-        sampler = [self.indices(perm, step, k).tolist()
-                   for step in range(start_step, self.steps_per_epoch) for k in range(self.accum)]
-        batches = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
-                                              num_workers=self.num_workers)
+        self._sampler.batches = [self.indices(perm, step, k).tolist()
+                                 for step in range(start_step, self.steps_per_epoch)
+                                 for k in range(self.accum)]
         micro: list[Batch] = []
-        for batch in batches:
+        for batch in self.loader():
             xb, yb = self.prepare(*split_sample(batch))
             xb = self.normalize(B.to_device(xb, self.device))
             micro.append((xb, B.to_device(yb, self.device)))
             if len(micro) == self.accum:
                 yield micro
                 micro = []
+
+
+class _BatchList:
+    """A batch sampler whose batches are set per epoch (read in the main process each time
+    the DataLoader is iterated, so persistent workers see the new epoch's indices)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class _Length:
