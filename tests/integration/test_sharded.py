@@ -116,3 +116,32 @@ def test_kill_9_a_worker_during_fsdp_then_restart_finishes_bitwise(tmp_path):
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
     assert all(not k.startswith("module.") for k in last["model"])  # plain, consolidated
     assert last["model"]["1.weight"].shape == (32, 784)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero"])
+def test_grad_clip_under_sharding_equals_one_process(tmp_path, strategy):
+    """--grad-clip clips by the global norm: over the shards under fsdp, of the synchronised
+    gradients under zero -- the same clip as one process with the global batch."""
+    s1, sn = run_pair({**BASE, "batch_size": 8, "grad_clip": 0.05}, 2, 20, tmp_path, strategy)
+    diff, where = compare(params(tmp_path / "one"), params(tmp_path / f"{strategy}2"))
+    assert diff < 1e-5, where
+    unclipped = run_cli("train", "--dataset", "synthetic", "--model", "myplugins:mlp", "--lr",
+                        "0.05", "--momentum", "0.9", "--seed", "5", "--threads", "1",
+                        "--batch-size", "16", "--max-steps", "20", "--quiet", "--out",
+                        str(tmp_path / "free"))
+    assert unclipped.returncode == 0
+    assert compare(params(tmp_path / "one"), params(tmp_path / "free"))[0] > 1e-3  # it bites
+
+
+def test_fsdp_trains_in_bf16_with_its_mixed_precision_policy(tmp_path):
+    out = tmp_path / "bf16"
+    r = run_cli("train", "--dataset", "synthetic", "--model", "myplugins:mlp", "--strategy",
+                "fsdp", "--nproc", "2", "--precision", "bf16", "--lr", "0.05", "--momentum",
+                "0.9", "--batch-size", "32", "--max-steps", "60", "--threads", "1", "--quiet",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["precision"] == "bf16" and s["strategy"] == "fsdp"
+    assert s["test_accuracy"] > 0.9
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in last["model"].values())  # fp32 master shards
