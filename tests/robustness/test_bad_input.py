@@ -351,6 +351,13 @@ CASES = [
          ("has both a [train] table and top-level keys (lr)",)),
     Case("verify-nproc-not-a-number", lambda w: ["verify", "--nproc", "abc"],
          ("--nproc must be a positive integer, got 'abc'",)),
+    Case("bench-out-into-a-training-run",
+         lambda w: ["bench", "--quick", "--dataset", "synthetic", "--out",
+                    str(w / "runs" / "linear")],
+         ("holds a training run", "choose another --out for the bench")),
+    Case("data-root-from-the-environment-is-a-file", lambda w: ["train", *MNIST],
+         ("is not a directory", "--data-root", "$DPTRAIN_DATA"),
+         env={"DPTRAIN_DATA": "/etc/hostname"}),
     Case("verify-steps-zero", lambda w: ["verify", "--steps", "0"],
          ("--steps must be between 1 and 100000",)),
     # ---------------------------------------------------------------- plug-in data and models

