@@ -215,7 +215,9 @@ def mean_std(values: list[float]) -> dict[str, float | int | list[float]]:
 
 def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every script in benchmarks/ shares: data location and noise handling."""
-    parser.add_argument("--data-root", default=os.environ.get("DPTRAIN_DATA", "./data"),
+    from dptrain.config import default_data_root
+
+    parser.add_argument("--data-root", default=default_data_root(),
                         help="dataset root (default: $DPTRAIN_DATA, else ./data)")
     parser.add_argument("--dataset", default="mnist", help="mnist (synthetic: a smoke test)")
     parser.add_argument("--wait-quiet", type=float, default=60.0,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dptrain.bench.tutorial_transforms import tutorial_transform
+from dptrain.config import default_data_root
 from dptrain.data.datasets import Splits, load_splits
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-acc", type=float, default=0.99)
     parser.add_argument("--stop-at-target", action="store_true")
     args = parser.parse_args(argv)
-    root = args.data_root or os.environ.get("DPTRAIN_DATA", "./data")
+    root = args.data_root or default_data_root()
     splits = load_splits(args.dataset, root, log=lambda _msg: None)
     threads = args.threads or None
     if args.which == "linear":

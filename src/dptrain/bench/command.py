@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dptrain.config import default_data_root
 from dptrain.errors import UsageError
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
         o.update(QUICK)
     o.update({name: getattr(args, name) for name, _, _ in FLAGS
               if getattr(args, name, None) is not None})
-    o["data_root"] = args.data_root or os.environ.get("DPTRAIN_DATA", "./data")
+    o["data_root"] = args.data_root or default_data_root()
     for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("repeats", 1),
                       ("threads", 0), ("seed", 0), ("iters", 1), ("baseline_steps", 0)):
         if o[name] < low:
