@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +40,66 @@ def test_unknown_and_bad_plugin_models():
     with pytest.raises(UsageError, match="not an nn.Module"):
         build_model("myplugins:not_a_module")
     assert build_model("myplugins:mlp")(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def sized_mlp(hidden: int = 32, depth: int = 1, scale: float = 1.0, bias: bool = True,
+              act: str = "relu") -> torch.nn.Module:
+    """A plug-in factory with keyword arguments (used as tests.test_models:sized_mlp)."""
+    layers: list[torch.nn.Module] = [torch.nn.Flatten()]
+    width = 28 * 28
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, hidden, bias=bias),
+                   torch.nn.ReLU() if act == "relu" else torch.nn.Tanh()]
+        width = hidden
+    layers.append(torch.nn.Linear(width, 10))
+    model = torch.nn.Sequential(*layers)
+    model.scale = scale
+    return model
+
+
+def test_model_args_are_parsed_and_passed_to_the_factory():
+    from dptrain.models import parse_model_args
+
+    assert parse_model_args("hidden=128,depth=2,scale=0.5,bias=false,act=tanh") == {
+        "hidden": 128, "depth": 2, "scale": 0.5, "bias": False, "act": "tanh"}
+    assert parse_model_args("") == {}
+    m = build_model("tests.test_models:sized_mlp", "hidden=16,depth=2,scale=2.5,bias=False,"
+                    "act=tanh")
+    assert [tuple(p.shape) for p in m.parameters()] == [(16, 784), (16, 16), (10, 16), (10,)]
+    assert isinstance(m[2], torch.nn.Tanh) and m.scale == 2.5
+    assert n_params(build_model("tests.test_models:sized_mlp", {"hidden": 8})) == (
+        784 * 8 + 8 + 8 * 10 + 10)
+
+
+def test_unknown_model_args_name_the_signature():
+    with pytest.raises(UsageError, match=r"--model-arg width: .*sized_mlp\(hidden=32, depth=1, scale=1.0, bias=True, act=.relu.\)$"):
+        build_model("tests.test_models:sized_mlp", "width=3")
+    with pytest.raises(UsageError, match=r"linear\(\)"):
+        build_model("linear", "hidden=3")
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        build_model("tests.test_models:sized_mlp", "hidden")
+
+
+def test_model_arg_flags_append_and_replay(tmp_path, tiny):
+    from tests.conftest import run_cli, train_inproc
+
+    out = tmp_path / "run"
+    s = train_inproc(out, *tiny, "--model", "tests.test_models:sized_mlp", "--model-arg",
+                     "hidden=24", "--model-arg", "depth=2", "--max-steps", "3")
+    assert s["steps"] == 3
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["model"]["1.weight"].shape == (24, 784)
+    assert ckpt["model"]["3.weight"].shape == (24, 24)
+    assert ckpt["config"]["model_args"] == "hidden=24,depth=2"
+    assert 'model_args = "hidden=24,depth=2"' in (out / "config.toml").read_text()
+    again = tmp_path / "again"
+    s2 = train_inproc(again, "--config", str(out / "config.toml"))
+    mine = torch.load(again / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(mine[k], ckpt["model"][k]) for k in ckpt["model"])
+    assert s2["test_accuracy"] == s["test_accuracy"]
+    bad = run_cli("train", *tiny, "--model", "tests.test_models:sized_mlp", "--model-arg",
+                  "widht=3", "--out", str(tmp_path / "bad"), cwd=Path(__file__).parent.parent)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: --model-arg widht:") and "sized_mlp(hidden" in bad.stderr
+    commas = run_cli("train", *tiny, "--model-arg", "a=1,b=2")
+    assert commas.returncode == 2 and commas.stderr.startswith("error: --model-arg 'a=1,b=2'")

@@ -53,6 +53,10 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
         shown = f.metadata.get("shown", default if default != "" else "none")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata['help']} (default: {shown})"}
+        if f.name == "model_args":  # one string field, filled by a repeatable --model-arg
+            parser.add_argument("--model-arg", action=_AppendModelArg, metavar="KEY=VALUE",
+                                **kwargs)
+            continue
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -62,6 +66,18 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
         parser.add_argument(f"--{flag(f.name)}", **kwargs)
+
+
+class _AppendModelArg(argparse.Action):
+    """``--model-arg KEY=VALUE`` (repeatable) -> the ``model_args`` string "k=v,k2=v2"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 value: Any, option: str | None = None) -> None:
+        if "," in value or "=" not in value:
+            parser.error(f"--model-arg {value!r}: give one KEY=VALUE per flag (no commas); "
+                         "repeat the flag for more")
+        before = getattr(namespace, self.dest, "")
+        setattr(namespace, self.dest, f"{before},{value}" if before else value)
 
 
 def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None
@@ -216,7 +232,7 @@ def build_parser() -> Parser:
 
 
 SUBCOMMAND_MODULES = ("dptrain.verify", "dptrain.bench.command", "dptrain.plot", "dptrain.slurm",
-                      "dptrain.doctor", "dptrain.runscript")
+                      "dptrain.doctor", "dptrain.runscript", "dptrain.predict")
 
 
 TRAIN_EXAMPLES = """\

@@ -56,6 +56,13 @@ class TrainConfig:
     dataset: str = _opt("mnist", "dataset name, or package.module:factory", plugin_ok=True)
     data_root: str = _opt("", "dataset root", shown="$DPTRAIN_DATA, else ./data")
     model: str = _opt("linear", "model name, or package.module:factory", plugin_ok=True)
+    model_args: str = _opt("", "keyword arguments for --model package.module:factory, "
+                           "comma-separated KEY=VALUE (values read as int/float/bool/str); "
+                           "flag: --model-arg KEY=VALUE, repeatable")
+    val_fraction: float = _opt(0.0, "hold out this fraction of the training split (seeded) "
+                               "for the per-epoch evaluation; the test split is then evaluated "
+                               "once at the end")
+    workers: int = _opt(0, "DataLoader worker processes per rank for map-style Datasets")
     recipe: str = _opt("", "named preset (mnist-fast); explicit flags override it")
     loss: str = _opt("cross_entropy", f"training loss: {', '.join(LOSSES)}, or "
                      "package.module:fn (fn(outputs, targets) -> scalar)", plugin_ok=True)
@@ -182,6 +189,18 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.grad_clip >= 0:
             raise UsageError(f"--grad-clip must not be negative, got {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.workers <= 256:
+            raise UsageError(f"--workers {self.workers} is out of range: use 0 to 256")
+        for item in filter(None, self.model_args.split(",")):
+            key, eq, _ = item.partition("=")
+            if not eq or not key.strip().isidentifier():
+                raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a Python "
+                                 "identifier (e.g. --model-arg hidden=128)")
+        if self.model_args and ":" not in self.model:
+            raise UsageError(f"--model-arg is for --model package.module:factory; the built-in "
+                             f"--model {self.model} takes no arguments")
         loggers = [x.strip() for x in self.logger.split(",") if x.strip()]
         bad = [x for x in loggers if x not in LOGGERS]
         if bad or not loggers:

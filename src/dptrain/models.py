@@ -94,18 +94,70 @@ def load_factory(spec: str, what: str) -> Callable[..., object]:
     return factory
 
 
-def build_model(name: str) -> nn.Module:
-    """A fresh model by registry name or ``package.module:factory``."""
+def parse_model_args(text: str) -> dict[str, object]:
+    """``"hidden=128,depth=2,act=relu"`` -> keyword arguments; values read as int, float,
+    bool (true/false) or str, in that order."""
+    out: dict[str, object] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a Python "
+                             "identifier (e.g. --model-arg hidden=128)")
+        out[key] = _parse_value(raw.strip())
+    return out
+
+
+def _parse_value(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _check_kwargs(spec: str, factory: Callable[..., object], kwargs: dict[str, object]) -> None:
+    """Unknown keywords are refused with the factory's signature in the message."""
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    unknown = [k for k in kwargs if k not in named]
+    if unknown:
+        name = spec.partition(":")[2] or spec
+        sig = sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty)
+                                      for p in sig.parameters.values()],
+                          return_annotation=inspect.Signature.empty)
+        raise UsageError(f"--model-arg {unknown[0]}: {spec} takes no such argument; its "
+                         f"signature is {name}{sig}")
+
+
+def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
+    """A fresh model by registry name or ``package.module:factory``; ``args`` (a
+    ``"k=v,k2=v2"`` string, as ``--model-arg`` stores it, or a dict) go to the factory."""
+    kwargs = parse_model_args(args) if isinstance(args, str) else dict(args)
     if ":" in name:
-        model = load_factory(name, "model")()
+        factory = load_factory(name, "model")
+        _check_kwargs(name, factory, kwargs)
+        model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise UsageError(f"--model {name!r}: the factory returned {type(model).__name__}, "
                              "not an nn.Module")
         return model
-    try:
-        return REGISTRY[name]()
-    except KeyError:
-        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(REGISTRY)}") from None
+    if name not in REGISTRY:
+        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(REGISTRY)}")
+    _check_kwargs(name, REGISTRY[name], kwargs)
+    return REGISTRY[name](**kwargs)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -138,6 +138,7 @@ class Run:
         summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
                                 loader.samples_per_step, peak_lr, found and found[0])
         summary.update(self.memory())
+        summary.update(self.data_summary())
         summary.update(self.flops(summary["train_samples_per_s"]))
         self.reporter.summary(summary)
         return summary
@@ -181,7 +182,7 @@ class Run:
     # ------------------------------------------------------------------ data and model
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)  # identical initial parameters for every world size
-        model = build_model(self.cfg.model)
+        model = build_model(self.cfg.model, self.cfg.model_args)
         if not any(p.requires_grad for p in model.parameters()):
             raise UsageError(f"--model {self.cfg.model} has no trainable parameters; return a "
                              "model with parameters that require grad")
@@ -192,6 +193,7 @@ class Run:
         """Both splits, their inputs in the model's dtype and targets checked against the
         task, on the device; then one dry-run batch through the model."""
         splits = load_splits(self.cfg.dataset, self.cfg.data_root, log=self.reporter.info)
+        splits = splits.hold_out(self.cfg.val_fraction, self.cfg.seed)
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.float32)
         extra = B.float_dtypes((splits.train_x, splits.test_x)) - {self.float_dtype}
@@ -206,11 +208,16 @@ class Run:
                 train_y=self.objective.prepare_targets(splits.train_y, "train",
                                                        self.float_dtype),
                 test_y=self.objective.prepare_targets(splits.test_y, "test", self.float_dtype))
+            if splits.has_val:
+                splits = splits.replace(val_x=self._cast(splits.val_x),
+                                        val_y=self.objective.prepare_targets(
+                                            splits.val_y, "val", self.float_dtype))
         if self.cfg.augment != "none" and not (isinstance(splits.train_x, torch.Tensor)
                                                and splits.train_x.dtype == torch.uint8):
             raise UsageError(f"--augment {self.cfg.augment} shifts uint8 images; this dataset's "
                              "inputs are not: drop --augment")
         splits = splits.to(self.device)
+        self._normalization = splits.normalization()
         self.normalize = Normalizer(splits.mean, splits.std, self.memory_format)
         self.example_inputs = _dry_run(model, splits, self.objective, self.normalize,
                                        self.prepare, self.device, self.cfg)
@@ -223,13 +230,19 @@ class Run:
         self.reporter.warning(f"the dataset's inputs are {', '.join(sorted(map(str, dtypes)))}; "
                               f"converted once to the model's {self.float_dtype}")
 
+    def data_info(self) -> dict[str, Any]:
+        """What a checkpoint and the summary record about the data: the normalisation that
+        inference must apply (see ``dptrain.load_model``) and the validation hold-out."""
+        return {"normalization": dict(self._normalization),
+                "val_fraction": self.cfg.val_fraction}
+
     def build_loader(self, splits: Splits) -> ShardedLoader:
         s = self.strategy
         shard = {"batch_size": self.cfg.batch_size, "rank": s.rank, "world": s.world_size,
                  "accum": self.cfg.accum, "seed": self.cfg.seed, "normalize": self.normalize}
         if splits.is_dataset:
             return DatasetLoader(splits.train_x, device=self.device, prepare=self.prepare,
-                                 **shard)
+                                 num_workers=self.cfg.workers, **shard)
         return ShardedLoader(splits.train_x, splits.train_y, augment=self.cfg.augment, **shard)
 
     # ------------------------------------------------------------------ checkpoints
@@ -285,29 +298,45 @@ class Run:
         self.strategy.barrier()
 
     # ------------------------------------------------------------------ evaluation
-    def run_eval(self, pos: Position) -> None:
+    def run_eval(self, pos: Position, split: str = "test") -> None:
+        """Evaluate ``split`` ("test", or "val": the --val-fraction hold-out)."""
         plain = self.strategy.plain(self.model)
         self.strategy.sync_buffers(plain)
-        metrics = evaluate(plain, self.splits.test_x, self.splits.test_y, self.strategy,
-                           self.objective, self.precision, self.cfg.eval_batch_size,
-                           self.normalize, self.prepare)
-        self.last_eval = {"step": pos.step, "metrics": metrics}
-        self.reporter.evaluation(pos.step, pos.epoch, metrics)
+        x, y = ((self.splits.val_x, self.splits.val_y) if split == "val"
+                else (self.splits.test_x, self.splits.test_y))
+        metrics = evaluate(plain, x, y, self.strategy, self.objective, self.precision,
+                           self.cfg.eval_batch_size, self.normalize, self.prepare)
+        if split == "val":
+            self.last_val = {"step": pos.step, "metrics": metrics}
+        else:
+            self.last_eval = {"step": pos.step, "metrics": metrics}
+        self.reporter.evaluation(pos.step, pos.epoch, metrics, split=split)
 
     def epoch_end(self, pos: Position) -> None:
         if self.cfg.eval_every_epoch:
-            self.run_eval(pos)
+            self.run_eval(pos, "val" if self.splits.has_val else "test")
 
     def finish(self, result: LoopResult, pos: Position) -> None:
         """Final evaluation and checkpoint -- or, stopped by a signal, only the checkpoint
-        the loop already wrote."""
+        the loop already wrote. With a validation hold-out: the hold-out at the last step
+        (unless just done), then the test split, once."""
         if result.stopped_by_signal:
             self.reporter.warning(f"stop requested (signal): checkpoint written at step "
                                   f"{pos.step}; continue with --resume auto")
             return
+        if self.splits.has_val and getattr(self, "last_val", {}).get("step") != pos.step:
+            self.run_eval(pos, "val")
         if self.last_eval.get("step") != pos.step:
             self.run_eval(pos)
         self.save_checkpoint(pos)
+
+    def data_summary(self) -> dict[str, Any]:
+        """summary.json's data fields: the normalisation, and the hold-out's last metrics."""
+        out: dict[str, Any] = {"normalization": dict(self._normalization)}
+        if self.splits.has_val:
+            out["val_fraction"] = self.cfg.val_fraction
+            out["val_metrics"] = getattr(self, "last_val", {}).get("metrics")
+        return out
 
 
 class _BatchPreparer:

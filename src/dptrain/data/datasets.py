@@ -40,6 +40,54 @@ class Splits:
     test_y: torch.Tensor | None
     mean: float | None = None
     std: float | None = None
+    val_x: object = None  # a seeded hold-out of the training split (--val-fraction), or None
+    val_y: torch.Tensor | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_x is not None
+
+    def normalization(self) -> dict[str, object]:
+        """What inference needs to feed the model as training did: uint8 pixels scaled by
+        ``(x / 255 - mean) / std`` (and a channel dimension added to (N, H, W) images), or the
+        data used as given (``mean``/``std`` null)."""
+        if self.mean is None:
+            return {"mean": None, "std": None, "input": "as given", "dataset": self.name}
+        return {"mean": self.mean, "std": self.std, "input": "uint8 pixels, x / 255",
+                "dataset": self.name}
+
+    def hold_out(self, fraction: float, seed: int) -> Splits:
+        """Move a seeded ``fraction`` of the training split into ``val_x``/``val_y``.
+
+        The held-out samples are the first ``floor(fraction * n)`` of a permutation drawn from
+        the seed alone (not the epoch: the same on every rank, every epoch and every restart);
+        both parts keep the original sample order. Tensors and structures of tensors are
+        indexed, a Dataset becomes two ``torch.utils.data.Subset``."""
+        if fraction <= 0:
+            return self
+        n = len(self.train_x) if self.is_dataset else _num_samples(self.train_x)
+        n_val = int(fraction * n)
+        if n_val < 1 or n_val >= n:
+            raise UsageError(f"--val-fraction {fraction:g} of {n} training samples holds out "
+                             f"{n_val}; choose a fraction that leaves at least one sample on "
+                             "each side")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 1_000_001)  # no epoch's seed
+        perm = torch.randperm(n, generator=gen)
+        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        if self.is_dataset:
+            return self.replace(
+                train_x=torch.utils.data.Subset(self.train_x, train_idx.tolist()),
+                val_x=torch.utils.data.Subset(self.train_x, val_idx.tolist()), val_y=None)
+        from dptrain.data.batch import index
+
+        def take(tree: object, idx: torch.Tensor) -> object:
+            return index(tree, idx.to(_device_of(tree)))
+
+        y = self.train_y
+        return self.replace(
+            train_x=take(self.train_x, train_idx), val_x=take(self.train_x, val_idx),
+            train_y=None if y is None else y.index_select(0, train_idx.to(y.device)),
+            val_y=None if y is None else y.index_select(0, val_idx.to(y.device)))
 
     @property
     def is_dataset(self) -> bool:
@@ -52,10 +100,23 @@ class Splits:
 
         return Splits(self.name, to_device(self.train_x, device), to_device(self.train_y, device),
                       to_device(self.test_x, device), to_device(self.test_y, device), self.mean,
-                      self.std)
+                      self.std, to_device(self.val_x, device), to_device(self.val_y, device))
 
     def replace(self, **changes: object) -> Splits:
         return dataclasses.replace(self, **changes)
+
+
+def _num_samples(tree: object) -> int:
+    from dptrain.data.batch import num_samples
+
+    return num_samples(tree)
+
+
+def _device_of(tree: object) -> torch.device:
+    from dptrain.data.batch import leaves
+
+    found = leaves(tree)
+    return found[0].device if found else torch.device("cpu")
 
 
 def synthetic(n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST, seed: int = 1234,

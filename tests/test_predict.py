@@ -1,0 +1,63 @@
+"""Inference from a checkpoint: load_model and `dptrain predict` apply the normalisation."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import dptrain
+from dptrain.data.datasets import synthetic
+from tests.conftest import run_cli, train_inproc
+
+
+def test_predict_reproduces_the_runs_test_accuracy(tmp_path, tiny):
+    out = tmp_path / "run"
+    s = train_inproc(out, *tiny, "--model", "linear", "--max-steps", "40", "--seed", "2")
+    ckpt = out / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert s["normalization"] == {"mean": 0.1307, "std": 0.3081, "dataset": "synthetic",
+                                  "input": "uint8 pixels, x / 255"}
+    model = dptrain.load_model(ckpt)
+    assert not model.training and model.normalization["mean"] == 0.1307
+    data = synthetic()
+    with torch.no_grad():
+        logits = model(data.test_x)  # raw uint8 images in: the wrapper normalises
+        raw = model.model(data.test_x.float().unsqueeze(1))  # without the normalisation
+    acc = (logits.argmax(1) == data.test_y).double().mean().item()
+    assert acc == s["test_accuracy"]  # exactly the run's own test accuracy
+    assert (raw.argmax(1) == data.test_y).double().mean().item() != acc
+    assert set(state["model"]) == {"1.weight", "1.bias"}
+
+    pred = tmp_path / "pred.json"
+    r = run_cli("predict", "--ckpt", str(ckpt), "--data-root", tiny[-1], "--out", str(pred))
+    assert r.returncode == 0, r.stderr
+    assert f"accuracy {s['test_accuracy']:.4f}" in r.stdout
+    got = json.loads(pred.read_text())
+    assert got["metrics"]["accuracy"] == s["test_accuracy"]
+    assert got["metrics"]["samples"] == s["test_samples"] == 1000
+    assert got["predictions"] == logits.argmax(1).tolist()
+
+
+def test_predict_on_a_dataset_plugin_with_a_val_split(tmp_path):
+    from dptrain.predict import predict
+
+    out = tmp_path / "ds"
+    s = train_inproc(out, "--dataset", "myplugins:blob_datasets", "--model", "myplugins:mlp",
+                     "--max-steps", "5", "--batch-size", "16", "--val-fraction", "0.25",
+                     "--workers", "2")
+    assert s["val_metrics"]["samples"] > 0
+    result = predict(out / "checkpoints" / "last.pt", log=lambda _m: None)
+    assert result["metrics"]["accuracy"] == s["test_accuracy"]
+    assert result["metrics"]["samples"] == s["test_samples"]
+    assert result["normalization"] == s["normalization"]
+
+
+def test_predict_errors_are_one_line(tmp_path):
+    r = run_cli("predict", "--ckpt", str(tmp_path / "missing.pt"))
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint ")
+    assert "Traceback" not in r.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    r = run_cli("predict", "--ckpt", str(junk))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
