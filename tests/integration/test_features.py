@@ -81,6 +81,7 @@ def test_lr_scaling_and_warmup(tmp_path):
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, tiny):
     s = train_inproc(tmp_path / "bf", *tiny, "--precision", "bf16", "--model", "myplugins:mlp",
+                     "--momentum", "0.9",  # the SGD default this test was written for
                      "--max-steps", "60")
     assert s["precision"] == "bf16" and s["test_accuracy"] > 0.8
 
