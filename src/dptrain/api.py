@@ -302,7 +302,7 @@ def _trained_model(model: Any, spec: str, objects: dict[str, Any], out: str) -> 
         fresh = copy.deepcopy(model).cpu()
     else:
         with _objects.registered(objects):
-            fresh = build_model(spec).cpu()
+            fresh = build_model(spec, state.get("config", {}).get("model_args", "")).cpu()
     fresh.load_state_dict(state["model"])
     return fresh
 

@@ -198,7 +198,8 @@ def find_resume(ckpt: Checkpointer, resume: str, *, info: Callable[[str], None],
     return resume, load(Path(resume))
 
 
-COMPATIBLE = ("model", "dataset", "seed", "loss", "task", "optimizer")
+COMPATIBLE = ("model", "model_args", "dataset", "val_fraction", "seed", "loss", "task",
+              "optimizer")
 
 
 def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:

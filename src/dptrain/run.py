@@ -294,6 +294,7 @@ class Run:
         self.strategy.sync_buffers(self.strategy.plain(self.model))
         state = ck.capture(self.strategy, self.model, self.optimizer, self.precision, pos,
                            self.cfg)  # collective: on every rank
+        state["normalization"] = self.data_info()["normalization"]  # for load_model/predict
         self.checkpoints.save(state, pos.step)
         self.strategy.barrier()
 

@@ -112,7 +112,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if used:
             raise UsageError(f"--keep {keep} already holds verify runs ({', '.join(used)}); "
                              "choose another --keep directory")
-    model = build_model(values.get("model", "linear"))
+    model = build_model(values.get("model", "linear"), values.get("model_args", ""))
     if has_batchnorm(model) and not values.get("sync_bn"):
         print("note: the model has BatchNorm: without --sync-bn each process normalises with "
               "its own batch statistics, so results differ from one process by design")
