@@ -9,20 +9,27 @@ import torch
 from dptrain.dist import DistEnv
 from dptrain.errors import UsageError
 from dptrain.strategies.base import Strategy
-from dptrain.strategies.ddp import DDPOptions, DistributedDataParallel
+from dptrain.strategies.ddp import DDPOptions
 from dptrain.strategies.dp import DataParallel
-from dptrain.strategies.fsdp import FullyShardedDataParallel
 from dptrain.strategies.single import SingleDevice
-from dptrain.strategies.zero import ZeroDataParallel
 
 if TYPE_CHECKING:
     from dptrain.plan import Plan
 
 __all__ = ["Strategy", "build", "local_device"]
 
-# one process per device, in a process group
-SHARDED_OR_DDP = {"ddp": DistributedDataParallel, "zero": ZeroDataParallel,
-                  "fsdp": FullyShardedDataParallel}
+# one process per device, in a process group; zero and fsdp imported when used (their
+# torch modules -- distributed.optim, distributed.checkpoint -- take seconds to import)
+SHARDED_OR_DDP = {"ddp": "dptrain.strategies.ddp:DistributedDataParallel",
+                  "zero": "dptrain.strategies.zero:ZeroDataParallel",
+                  "fsdp": "dptrain.strategies.fsdp:FullyShardedDataParallel"}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    import importlib
+
+    module, _, cls = SHARDED_OR_DDP[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def local_device(kind: str, env: DistEnv) -> torch.device:
@@ -55,6 +62,6 @@ def build(plan: Plan, env: DistEnv, *, count_comm: bool = False) -> Strategy:
             reshard_after_forward=cfg.reshard_after_forward,
             precision=cfg.precision,
         )
-        return SHARDED_OR_DDP[plan.strategy](env, device, backend=plan.backend,
+        return strategy_class(plan.strategy)(env, device, backend=plan.backend,
                                              timeout_s=cfg.timeout_s, options=options)
     return SingleDevice(env, device)

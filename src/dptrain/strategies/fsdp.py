@@ -33,13 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -51,8 +44,12 @@ if TYPE_CHECKING:
     from dptrain.config import TrainConfig
     from dptrain.precision import Precision
 
-FULL = StateDictOptions(full_state_dict=True)
-FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _state_dict_api():  # noqa: ANN202 - torch.distributed.checkpoint takes ~2 s to import
+    from torch.distributed.checkpoint import state_dict as api
+
+    return api
 
 
 class FullyShardedDataParallel(DistributedDataParallel):
@@ -97,7 +94,9 @@ class FullyShardedDataParallel(DistributedDataParallel):
         model = getattr(model, "_orig_mod", model)
         if not isinstance(model, FSDPModule):
             return model
-        self.template.load_state_dict(get_model_state_dict(model, options=FULL))
+        api = _state_dict_api()
+        self.template.load_state_dict(api.get_model_state_dict(
+            model, options=api.StateDictOptions(full_state_dict=True)))
         return self.template
 
     def clip_gradients(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -109,7 +108,10 @@ class FullyShardedDataParallel(DistributedDataParallel):
     # --- state: consolidated, in the format a plain optimizer writes
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    precision: Precision) -> dict[str, Any]:
-        osd = get_optimizer_state_dict(model, optimizer, options=FULL_ON_MAIN)
+        api = _state_dict_api()
+        osd = api.get_optimizer_state_dict(
+            model, optimizer, options=api.StateDictOptions(full_state_dict=True,
+                                                           cpu_offload=True))
         return {"model": self.plain(model).state_dict(),
                 "optimizer": _by_index(osd) if self.is_main else {},
                 "scaler": precision.state_dict(), "rng": self.rng_state(),
@@ -117,11 +119,13 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module,
                         optimizer: torch.optim.Optimizer, precision: Precision) -> None:
-        set_model_state_dict(model, state["model"], options=FULL)
+        api = _state_dict_api()
+        full = api.StateDictOptions(full_state_dict=True)
+        api.set_model_state_dict(model, state["model"], options=full)
         try:
             osd = _by_name(with_own_kernels(state["optimizer"], optimizer),
                            _group_names(model, optimizer))
-            set_optimizer_state_dict(model, optimizer, osd, options=FULL)
+            api.set_optimizer_state_dict(model, optimizer, osd, options=full)
         except (ValueError, KeyError, IndexError, RuntimeError) as exc:
             raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
                              ) from None

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from dptrain.strategies.ddp import DistributedDataParallel
 
@@ -33,6 +32,8 @@ class ZeroDataParallel(DistributedDataParallel):
     name = "zero"
 
     def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         from dptrain.optim import optimizer_class, param_groups
 
         self.grad_clip = cfg.grad_clip
