@@ -143,6 +143,14 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Check every value once; raise :class:`UsageError` naming the flag and the fix."""
+        self._check_names()
+        self._check_numbers()
+        self._check_lists()
+        self._check_launch()
+        return self
+
+    def _check_names(self) -> None:
+        """Choices, finite floats, and the built-in model/loss/dataset names."""
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -160,6 +168,9 @@ class TrainConfig:
         if ":" not in self.dataset and self.dataset not in DATASETS:
             raise UsageError(f"unknown --dataset {self.dataset!r}: use one of "
                              f"{', '.join(DATASETS)} or package.module:factory")
+
+    def _check_numbers(self) -> None:
+        """Signs, bounds and ranges of the numeric settings."""
         positive = ("epochs", "batch_size", "eval_batch_size", "accum", "nnodes", "ref_batch",
                     "step_size", "keep_ckpts", "log_every")
         for name in positive:
@@ -193,6 +204,9 @@ class TrainConfig:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.workers <= 256:
             raise UsageError(f"--workers {self.workers} is out of range: use 0 to 256")
+
+    def _check_lists(self) -> None:
+        """The comma-separated settings: --model-arg and --logger."""
         for item in filter(None, self.model_args.split(",")):
             key, eq, _ = item.partition("=")
             if not eq or not key.strip().isidentifier():
@@ -206,6 +220,9 @@ class TrainConfig:
         if bad or not loggers:
             raise UsageError(f"--logger {self.logger!r}: use one or more of {', '.join(LOGGERS)}, "
                              "comma-separated")
+
+    def _check_launch(self) -> None:
+        """Nodes, ports, the CPU all-reduce path and --nproc."""
         if self.node_rank >= self.nnodes:
             raise UsageError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if self.master_port > 65535:
@@ -226,7 +243,6 @@ class TrainConfig:
                                  f"{self.nproc!r}") from None
             if n < 1:
                 raise UsageError(f"--nproc must be a positive integer or auto, got {n}")
-        return self
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
