@@ -379,32 +379,44 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
         monitor_interval=0.1,
         start_method="spawn",
     )
-    # we print failures ourselves, once, with the rank; torch gives some of these loggers their
-    # own level (e.g. the agent's "Received 15 death signal"), so the parents alone won't do
+    try:
+        with _quiet_torch_loggers(), _agent_with_stop_grace(STOP_GRACE_S), _env(**env), \
+                _own_signal_handlers():
+            return elastic_launch(config, _WorkerMain(fn))(*args)
+    except SignalException as exc:
+        raise Interrupted(exc.sigval) from None
+    except ChildFailedError as exc:
+        raise _failure(exc, range(node_rank * nproc, (node_rank + 1) * nproc)) from None
+    finally:
+        del store  # the rendezvous server stops with its last reference
+
+
+@contextlib.contextmanager
+def _quiet_torch_loggers() -> Iterator[None]:
+    """We print failures ourselves, once, with the rank; torch gives some of these loggers
+    their own level (e.g. the agent's "Received 15 death signal"), so the parents alone won't
+    do."""
     noisy = [*_NOISY_LOGGERS, *(name for name in list(logging.root.manager.loggerDict)
                                 if name.startswith(tuple(f"{n}." for n in _NOISY_LOGGERS)))]
     levels = {name: logging.getLogger(name).level for name in noisy}
     for name in noisy:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        with _agent_with_stop_grace(STOP_GRACE_S), _env(**env), _own_signal_handlers():
-            return elastic_launch(config, _WorkerMain(fn))(*args)
-    except SignalException as exc:
-        raise Interrupted(exc.sigval) from None
-    except ChildFailedError as exc:
-        failures = sorted(exc.failures.items())
-        for _, failure in failures:
-            text = _usage_error_text(failure)
-            if text is not None:
-                raise UsageError(text) from None
-        parts = []
-        for rank, failure in failures:
-            parts.append(f"worker rank {rank} (local rank {failure.local_rank}, pid "
-                         f"{failure.pid}) failed with exit code {failure.exitcode}:\n"
-                         f"{_failure_text(failure).rstrip()}")
-        node_ranks = range(node_rank * nproc, (node_rank + 1) * nproc)
-        raise WorkerFailure("\n".join(parts), headline=_headline(failures, node_ranks)) from None
+        yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        del store  # the rendezvous server stops with its last reference
+
+
+def _failure(exc: Any, node_ranks: range) -> Exception:
+    """A failed job as the error to raise: a worker's UsageError as itself, else every failed
+    rank with its traceback."""
+    failures = sorted(exc.failures.items())
+    for _, failure in failures:
+        text = _usage_error_text(failure)
+        if text is not None:
+            return UsageError(text)
+    parts = [f"worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed "
+             f"with exit code {failure.exitcode}:\n{_failure_text(failure).rstrip()}"
+             for rank, failure in failures]
+    return WorkerFailure("\n".join(parts), headline=_headline(failures, node_ranks))
