@@ -134,10 +134,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_a_worker_then_elastic_restart_resumes_bitwise(tmp_path):
-    args = ["train", *SYN, "--nproc", "2", "--model", "cnn", "--batch-size", "16",
-            "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"]
-    ref = run_cli(*args, "--out", str(tmp_path / "ref"))
+def kill_a_worker_then_restart(args: list[str], tmp_path: Path) -> dict:
+    """Run ``args`` uninterrupted (``ref``) and again (``killed``) with ``--max-restarts``,
+    kill -9 one of its 2 workers after the step-20 checkpoint; the second run's summary."""
+    ref = run_cli(*args, "--out", str(tmp_path / "ref"), timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain", *args, "--max-restarts", "2",
                              "--out", str(tmp_path / "killed")], env=clean_env(),
@@ -146,9 +146,15 @@ def test_kill_9_a_worker_then_elastic_restart_resumes_bitwise(tmp_path):
     workers = _workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)  # a real worker process, mid-epoch
-    _, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    return json.loads((tmp_path / "killed" / "summary.json").read_text())
+
+
+def test_kill_9_a_worker_then_elastic_restart_resumes_bitwise(tmp_path):
+    summary = kill_a_worker_then_restart(
+        ["train", *SYN, "--nproc", "2", "--model", "cnn", "--batch-size", "16",
+         "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"], tmp_path)
     assert summary["restarts"] == 1 and summary["steps"] == 60
     assert summary["resumed_from"] is not None
     assert bitwise_equal(params(tmp_path / "ref"), params(tmp_path / "killed"))

@@ -4,18 +4,14 @@ the shards, resume at another world size (between ddp, zero and fsdp), kill -9 a
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dptrain.verify import compare, run_pair
-from tests.conftest import clean_env, run_cli
-from tests.integration.test_features import _wait_for, _workers, bitwise_equal, params
+from tests.conftest import run_cli
+from tests.integration.test_features import bitwise_equal, kill_a_worker_then_restart, params
 
 BASE = {"dataset": "synthetic", "data_root": "unused", "model": "myplugins:mlp", "lr": 0.05,
         "momentum": 0.9, "seed": 5, "threads": 1}
@@ -96,21 +92,10 @@ def test_another_global_batch_is_refused_with_the_settings_that_keep_it(tmp_path
 
 
 def test_kill_9_a_worker_during_fsdp_then_restart_finishes_bitwise(tmp_path):
-    args = ["train", "--dataset", "synthetic", "--threads", "1", "--strategy", "fsdp",
-            "--nproc", "2", "--model", "myplugins:mlp", "--batch-size", "16", "--momentum",
-            "0.9", "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"]
-    ref = run_cli(*args, "--out", str(tmp_path / "ref"), timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain", *args, "--max-restarts", "2",
-                             "--out", str(tmp_path / "killed")], env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step-00000020.pt", proc)
-    workers = _workers(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[-1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    summary = kill_a_worker_then_restart(
+        ["train", "--dataset", "synthetic", "--threads", "1", "--strategy", "fsdp", "--nproc",
+         "2", "--model", "myplugins:mlp", "--batch-size", "16", "--momentum", "0.9",
+         "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"], tmp_path)
     assert summary["restarts"] == 1 and summary["steps"] == 60
     assert bitwise_equal(params(tmp_path / "ref"), params(tmp_path / "killed"))
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
