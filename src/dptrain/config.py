@@ -23,7 +23,8 @@ MODELS = ("linear", "convnet", "cnn", "fastnet")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
 SCHEDULES = ("none", "step", "onecycle", "cosine")
-STRATEGIES = ("auto", "single", "dp", "ddp", "zero", "fsdp")
+STRATEGIES = ("auto", "single", "dp", "ddp", "zero", "fsdp", "pipeline", "hogwild", "localsgd")
+SCHEDULES_PP = ("gpipe", "1f1b")  # pipeline schedules offered on this torch (see strategies/pipeline.py)
 LOGGERS = ("jsonl", "tensorboard", "mlflow", "csv")
 
 
@@ -41,7 +42,8 @@ LOSSES = ("cross_entropy", "nll", "bce", "mse", "l1", "huber")
 TASKS = ("auto", "classification", "multilabel", "regression")
 MAX_SEED = 2**32 - 1  # the data order's generator seed is seed * 1_000_003 + epoch (int64)
 BOUNDS = {  # name: (lowest, highest) for the integer settings that have a sensible ceiling
-    "seed": (0, MAX_SEED), "threads": (0, 1024), "log_every": (1, 1_000_000),
+    "seed": (0, MAX_SEED), "log_every": (1, 1_000_000), "stages": (0, 64),
+    "microbatches": (0, 4096), "sync_every": (1, 1_000_000),
     "nnodes": (1, 4096), "node_rank": (0, 4095), "max_restarts": (0, 1000),
     "accum": (1, 65536), "batch_size": (1, 1 << 24), "eval_batch_size": (1, 1 << 24),
     "keep_ckpts": (1, 10_000), "epochs": (1, 1_000_000), "profile": (0, 10_000),
@@ -71,7 +73,11 @@ class TrainConfig:
     # --- how to parallelise
     strategy: str = _opt("auto", "auto = ddp when several processes, else single; zero = DDP "
                          "with the optimizer state sharded (ZeRO-1); fsdp = parameters, "
-                         "gradients and optimizer state sharded (FSDP2)", STRATEGIES)
+                         "gradients and optimizer state sharded (FSDP2); pipeline = the model "
+                         "cut into --stages processes (x data-parallel replicas); hogwild = "
+                         "lock-free asynchronous updates of shared parameters (one node, CPU); "
+                         "localsgd = local steps, parameters averaged every --sync-every",
+                         STRATEGIES)
     nproc: str = _opt("1", "local worker processes: N or auto (= GPUs, else CPU cores)")
     nnodes: int = _opt(1, "number of nodes (as torchrun)")
     node_rank: int = _opt(0, "rank of this node (as torchrun)")
@@ -81,7 +87,9 @@ class TrainConfig:
     backend: str = _opt("auto", "auto = nccl on CUDA, gloo on CPU", ("auto", "gloo", "nccl"))
     timeout_s: float = _opt(300.0, "process-group timeout: a collective waiting longer fails")
     max_restarts: int = _opt(0, "elastic restarts of the workers after a failure")
-    threads: int = _opt(0, "intra-op threads per process; 0 = CPU cores / local processes")
+    threads: str = _opt("0", "intra-op threads per process; 0 = CPU cores / local processes; "
+                        "one value per local process, comma-separated (2,1), for unequal "
+                        "workers")
     # --- DDP knobs
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MiB")
     gradient_as_bucket_view: bool = _opt(False, "DDP: gradients are views into the buckets")
@@ -95,6 +103,22 @@ class TrainConfig:
     # --- sharding
     reshard_after_forward: bool = _opt(True, "FSDP: free the gathered parameters after the "
                                        "forward (gather again for the backward)")
+    # --- pipeline, local SGD, load balancing
+    stages: int = _opt(0, "pipeline: stages the model is cut into, one process each; --nproc "
+                       "= stages x data-parallel replicas; 0 = one stage per process")
+    microbatches: int = _opt(0, "pipeline: micro-batches each process's batch is cut into "
+                             "(must divide --batch-size); 0 = 2 x stages")
+    pipeline_schedule: str = _opt("1f1b", "pipeline schedule (torch.distributed.pipelining)",
+                                  SCHEDULES_PP)
+    split_points: str = _opt("", "pipeline: comma-separated module names where stages 2..S "
+                             "begin; default: the model's own split points, else its "
+                             "nn.Sequential children cut by parameter count")
+    sync_every: int = _opt(8, "localsgd: average the parameters every H optimizer steps")
+    localsgd_warmup_steps: int = _opt(0, "localsgd: synchronous (DDP) steps before the local "
+                                      "steps begin")
+    balance: str = _opt("off", "ddp: per-rank micro-batch sizes in proportion to each rank's "
+                        "speed measured during warm-up, summing to the same global batch "
+                        "(auto)", ("off", "auto"))
     keep_global_batch: bool = _opt(False, "resuming with another number of processes: pick "
                                    "the --batch-size/--accum that keep the global batch")
     # --- optimisation
@@ -137,6 +161,8 @@ class TrainConfig:
     profile: int = _opt(0, "profile N optimizer steps with torch.profiler (0 = off)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.threads, int) and not isinstance(self.threads, bool):
+            self.threads = str(self.threads)  # threads=2 from Python, as before
         if not self.data_root:
             self.data_root = default_data_root()
 
@@ -176,8 +202,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("max_steps", "node_rank", "master_port", "max_restarts", "threads",
-                        "ckpt_every", "warmup_steps", "weight_decay", "momentum", "seed")
+        non_negative = ("max_steps", "node_rank", "master_port", "max_restarts",
+                        "localsgd_warmup_steps", "ckpt_every", "warmup_steps", "weight_decay", "momentum", "seed")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
@@ -205,8 +231,26 @@ class TrainConfig:
         if not 0 <= self.workers <= 256:
             raise UsageError(f"--workers {self.workers} is out of range: use 0 to 256")
 
+    def thread_counts(self) -> list[int]:
+        """``--threads`` as numbers: [] for 0 (automatic), one per local process, or one
+        for all (an invalid value is refused by :meth:`validate`)."""
+        values = [int(v) for v in self.threads.split(",")]
+        return [] if values == [0] else values
+
     def _check_lists(self) -> None:
-        """The comma-separated settings: --model-arg and --logger."""
+        """The comma-separated settings: --threads, --model-arg, --logger, --split-points."""
+        try:
+            counts = [int(v) for v in self.threads.split(",")]
+        except ValueError:
+            raise UsageError(f"--threads {self.threads!r}: expected a number of threads, or "
+                             "one per local process, comma-separated (e.g. 2,1)") from None
+        if any(not 0 <= c <= 1024 for c in counts) or (len(counts) > 1 and 0 in counts):
+            raise UsageError(f"--threads {self.threads!r}: each value must be 1 to 1024 (0 "
+                             "alone = automatic)")
+        for name in filter(None, (x.strip() for x in self.split_points.split(","))):
+            if not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
+                raise UsageError(f"--split-points {name!r} is not a module name (e.g. "
+                                 "layers.2 or fc1)")
         for item in filter(None, self.model_args.split(",")):
             key, eq, _ = item.partition("=")
             if not eq or not key.strip().isidentifier():

@@ -25,7 +25,8 @@ from dptrain.dist import DistEnv
 from dptrain.errors import UsageError
 
 ONE_PROCESS = ("single", "dp")  # strategies that run in exactly one process
-GROUPED = ("ddp", "zero", "fsdp")  # one process per device, in a process group
+GROUPED = ("ddp", "zero", "fsdp", "pipeline", "hogwild", "localsgd")  # a process per device,
+# in a process group
 MAX_PROCS_PER_CORE = 8  # --nproc beyond this many per CPU core is refused (it would thrash)
 
 
@@ -63,9 +64,16 @@ class Plan:
     nproc: int  # processes on this node
     nnodes: int
     world_size: int  # processes that feed data (1 for single and dp)
-    threads: int  # intra-op threads per process
+    threads: int  # intra-op threads per process (local rank 0's where --threads is a list)
     fetch: bool = False  # a built-in dataset to fetch once before the workers start
     hardware: Hardware = field(default_factory=Hardware)
+    rank_threads: tuple[int, ...] = ()  # --threads 2,1: one count per local rank
+
+    def threads_for(self, local_rank: int) -> int:
+        """Intra-op threads of the process with this local rank."""
+        if self.rank_threads:
+            return self.rank_threads[local_rank % len(self.rank_threads)]
+        return self.threads
 
     @property
     def batch_per_process(self) -> int:
@@ -120,17 +128,69 @@ def make_plan(cfg: TrainConfig, env: DistEnv, hw: Hardware | None = None) -> Pla
     if cfg.sync_bn and strategy == "fsdp":
         raise UsageError("--sync-bn cannot apply to --strategy fsdp (BatchNorm statistics "
                          "stay per rank); drop --sync-bn, or use --strategy ddp or zero")
+    _check_strategy_flags(cfg, strategy, nproc, nnodes, on_gpu)
+    counts = cfg.thread_counts()
+    if len(counts) > 1 and len(counts) != nproc:
+        raise UsageError(f"--threads {cfg.threads} gives {len(counts)} values for {nproc} local "
+                         f"process(es); give one value, or one per process")
     _check_out(cfg.out)
     from dptrain import loggers
 
     loggers.check_available(loggers.parse(cfg.logger, cfg.tensorboard))  # before --out exists
     world = 1 if strategy in ONE_PROCESS else nproc * nnodes
-    threads = cfg.threads or max(1, hw.cores // max(1, nproc))
+    threads = counts[0] if counts else max(1, hw.cores // max(1, nproc))
     from dptrain.data.datasets import RAW_DIRS
 
     return Plan(cfg=cfg, strategy=strategy, device=device, backend=backend, launch=launch,
                 nproc=nproc, nnodes=nnodes, world_size=world, threads=threads,
-                fetch=cfg.dataset in RAW_DIRS, hardware=hw)
+                fetch=cfg.dataset in RAW_DIRS, hardware=hw,
+                rank_threads=tuple(counts) if len(counts) > 1 else ())
+
+
+def _check_strategy_flags(cfg: TrainConfig, strategy: str, nproc: int, nnodes: int,
+                          on_gpu: bool) -> None:
+    """The flags of the pipeline, hogwild, localsgd and balanced strategies fit the job."""
+    world = nproc * nnodes
+    if strategy != "pipeline" and (cfg.stages or cfg.microbatches or cfg.split_points):
+        raise UsageError(f"--stages/--microbatches/--split-points are for --strategy pipeline, "
+                         f"not {strategy}: drop them, or use --strategy pipeline")
+    if strategy == "pipeline":
+        stages = cfg.stages or world
+        if stages < 2:
+            raise UsageError(f"--strategy pipeline needs at least 2 stages (processes); got "
+                             f"{stages}: use --nproc 2 or more")
+        if world % stages:
+            raise UsageError(f"--stages {stages} does not divide the {world} processes; use a "
+                             f"--nproc that is a multiple of the stages (stages x data-parallel "
+                             f"replicas)")
+        micro = cfg.microbatches or 2 * stages
+        if cfg.batch_size % micro:
+            raise UsageError(f"--microbatches {micro} does not divide --batch-size "
+                             f"{cfg.batch_size}; use a batch size that is a multiple of it, or "
+                             "another --microbatches")
+        if cfg.sync_bn:
+            raise UsageError("--sync-bn cannot apply to --strategy pipeline (each stage holds "
+                             "other layers); drop --sync-bn")
+    if strategy == "hogwild":
+        if nnodes > 1:
+            raise UsageError(f"--strategy hogwild shares parameters in one machine's memory; it "
+                             f"cannot span {nnodes} nodes: use --nnodes 1, or --strategy "
+                             "localsgd across nodes")
+        if on_gpu:
+            raise UsageError("--strategy hogwild runs on CPU here (its processes update "
+                             "parameters in shared host memory): add --device cpu")
+        if cfg.sync_bn:
+            raise UsageError("--sync-bn cannot apply to --strategy hogwild (no synchronous "
+                             "step); drop --sync-bn")
+    if strategy == "localsgd" and cfg.sync_bn:
+        raise UsageError("--sync-bn would synchronise every step, which local SGD avoids; drop "
+                         "--sync-bn, or use --strategy ddp")
+    if cfg.balance == "auto" and strategy != "ddp":
+        raise UsageError(f"--balance auto balances --strategy ddp; it does not apply to "
+                         f"--strategy {strategy}: drop it, or use --strategy ddp")
+    if cfg.balance == "auto" and world < 2:
+        raise UsageError("--balance auto needs at least 2 processes to balance; use --nproc 2 "
+                         "or more, or drop it")
 
 
 def _launch(cfg: TrainConfig, env: DistEnv, hw: Hardware, on_gpu: bool

@@ -43,7 +43,7 @@ def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | No
     started_at = time.time() if started_at is None else started_at
     env = plan.worker_env(dist.detect() if env is None else env)
     setup_logging(env.rank, env.world_size, quiet=plan.cfg.quiet)
-    torch.set_num_threads(plan.threads)
+    torch.set_num_threads(plan.threads_for(env.local_rank))
     strategy = strategies.build(plan, env, count_comm=count_comm)
     strategy.setup()
     lock: list[OutDirLock] = []
@@ -105,8 +105,8 @@ class Run:
         found = self.find_checkpoint()
         if found and cfg.keep_global_batch:
             cfg = self.cfg = ck.keep_global_batch(found[1], cfg, found[0],
-                                                  strategy.world_size)
-        loader = self.build_loader(splits)
+                                                  strategy.data_world)
+        loader = strategy.attach_loader(self.build_loader(splits))
         self.splits, self.loader = splits, loader
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
         total = cfg.epochs * loader.steps_per_epoch
@@ -238,7 +238,7 @@ class Run:
 
     def build_loader(self, splits: Splits) -> ShardedLoader:
         s = self.strategy
-        shard = {"batch_size": self.cfg.batch_size, "rank": s.rank, "world": s.world_size,
+        shard = {"batch_size": self.cfg.batch_size, "rank": s.data_rank, "world": s.data_world,
                  "accum": self.cfg.accum, "seed": self.cfg.seed, "normalize": self.normalize}
         if splits.is_dataset:
             return DatasetLoader(splits.train_x, device=self.device, prepare=self.prepare,
@@ -272,7 +272,7 @@ class Run:
         if found is None:
             return
         path, state = found
-        ck.check_compatible(state, self.cfg, path, self.strategy.world_size)
+        ck.check_compatible(state, self.cfg, path, self.strategy.data_world)
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
 

@@ -122,7 +122,7 @@ class Session:
         # what the checkpoints' config records in place of dptrain train's model and dataset
         self.cfg = cfg.replace(model="session", dataset="session")
         setup_logging(self.env.rank, self.env.world_size, quiet=cfg.quiet)
-        torch.set_num_threads(self.plan.threads)
+        torch.set_num_threads(self.plan.threads_for(self.env.local_rank))
         self.strategy: strategies.Strategy = strategies.build(self.plan, self.env)
         self.strategy.setup()
         self.precision = Precision(cfg.precision, self.strategy.device)

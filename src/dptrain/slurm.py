@@ -198,10 +198,11 @@ def check_train_args(train_args: list[str], cpus: int = 1,
                              "(drop --resume, or copy the checkpoint into OUT/checkpoints/)")
         if not hasattr(ns, "resume"):
             args = [*args, "--resume", "auto"]
+    counts = cfg.thread_counts()  # OpenMP gets the largest where they differ per rank
     if hasattr(ns, "threads"):  # given after --: keep it once, and let OpenMP agree
-        return args, cfg.threads or cpus
-    if cfg.threads:  # from --config FILE or a recipe: the script must not override it
-        return args, cfg.threads
+        return args, max(counts, default=cpus)
+    if counts:  # from --config FILE or a recipe: the script must not override it
+        return args, max(counts)
     return ["--threads", str(cpus), *args], cpus
 
 

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "verify", help="check that N-process training equals 1-process training",
         description="Train 1 process x batch N*B and N processes x batch B from the same seed "
                     "and compare the parameters. Exit 0 within --tol, 1 otherwise.")
-    p.add_argument("--strategy", default="ddp", choices=("ddp", "zero", "fsdp"),
+    p.add_argument("--strategy", default="ddp", choices=EXACT,
                    help="the N-process strategy to check against one process (default: ddp)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
     p.add_argument("--tol", type=float, default=1e-5,
@@ -36,9 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, only=VERIFY_FLAGS, defaults=VERIFY_DEFAULTS)
 
 
+# the strategies whose N-process step equals the one-process step (hogwild is not exact)
+EXACT = ("ddp", "zero", "fsdp", "pipeline", "localsgd")
 VERIFY_FLAGS = ("model", "dataset", "data_root", "loss", "task", "batch_size", "nproc", "lr",
                 "optimizer", "momentum", "accum", "sync_bn", "seed", "threads", "precision",
-                "weight_decay")
+                "weight_decay", "stages", "microbatches", "pipeline_schedule", "split_points",
+                "sync_every", "localsgd_warmup_steps", "balance")
 # what verify runs when a flag is not given (shown by --help as the defaults they are)
 VERIFY_DEFAULTS = {"nproc": "2", "dataset": "synthetic", "batch_size": 16, "lr": 0.01,
                    "momentum": 0.9}
@@ -72,6 +75,17 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[flo
     return worst, where
 
 
+STRATEGY_ONLY = ("stages", "microbatches", "pipeline_schedule", "split_points", "sync_every",
+                 "localsgd_warmup_steps", "balance")  # not for the one-process run
+
+
+def replicas(values: dict[str, Any], nproc: int, strategy: str) -> int:
+    """Data-parallel replicas among ``nproc`` processes: a pipeline's stages share one."""
+    if strategy != "pipeline":
+        return nproc
+    return max(1, nproc // (values.get("stages") or nproc))
+
+
 def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
              strategy: str = "ddp") -> tuple[dict[str, Any], dict[str, Any]]:
     from dptrain.cli import run_training
@@ -79,8 +93,11 @@ def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
 
     base = dict(values, max_steps=steps, epochs=10_000, log_every=1, eval_every_epoch=False,
                 resume="", max_restarts=0, quiet=True, strategy="auto")
-    one = TrainConfig(**{**base, "batch_size": values["batch_size"] * nproc, "nproc": "1",
-                         "strategy": "single", "out": str(root / "one")}).validate()
+    single = {k: v for k, v in base.items() if k not in STRATEGY_ONLY}
+    threads = str(values.get("threads", "0")).split(",")[0]
+    one = TrainConfig(**{**single, "threads": threads, "nproc": "1", "strategy": "single",
+                         "batch_size": values["batch_size"] * replicas(values, nproc, strategy),
+                         "out": str(root / "one")}).validate()
     many = TrainConfig(**{**base, "nproc": str(nproc), "strategy": strategy,
                           "out": str(root / f"{strategy}{nproc}")}).validate()
     s1 = run_training(one)

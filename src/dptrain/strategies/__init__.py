@@ -1,4 +1,6 @@
-"""Strategies: single, dp, ddp, zero, fsdp. :func:`build` is the only place that chooses between them."""
+"""Strategies: single, dp, ddp (balanced), zero, fsdp, pipeline, hogwild, localsgd.
+
+:func:`build` is the only place that chooses between them."""
 
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ __all__ = ["Strategy", "build", "local_device"]
 # torch modules -- distributed.optim, distributed.checkpoint -- take seconds to import)
 SHARDED_OR_DDP = {"ddp": "dptrain.strategies.ddp:DistributedDataParallel",
                   "zero": "dptrain.strategies.zero:ZeroDataParallel",
-                  "fsdp": "dptrain.strategies.fsdp:FullyShardedDataParallel"}
+                  "fsdp": "dptrain.strategies.fsdp:FullyShardedDataParallel",
+                  "pipeline": "dptrain.strategies.pipeline:PipelineParallel",
+                  "hogwild": "dptrain.strategies.hogwild:Hogwild",
+                  "localsgd": "dptrain.strategies.localsgd:LocalSGD",
+                  "ddp+balance": "dptrain.strategies.balance:BalancedDataParallel"}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -61,7 +67,15 @@ def build(plan: Plan, env: DistEnv, *, count_comm: bool = False) -> Strategy:
             sync_bn=cfg.sync_bn,
             reshard_after_forward=cfg.reshard_after_forward,
             precision=cfg.precision,
+            stages=cfg.stages or plan.world_size,
+            microbatches=cfg.microbatches or 2 * (cfg.stages or plan.world_size),
+            pipeline_schedule=cfg.pipeline_schedule,
+            split_points=cfg.split_points,
+            sync_every=cfg.sync_every,
+            localsgd_warmup_steps=cfg.localsgd_warmup_steps,
         )
-        return strategy_class(plan.strategy)(env, device, backend=plan.backend,
+        name = "ddp+balance" if plan.strategy == "ddp" and cfg.balance == "auto" else (
+            plan.strategy)
+        return strategy_class(name)(env, device, backend=plan.backend,
                                              timeout_s=cfg.timeout_s, options=options)
     return SingleDevice(env, device)

@@ -54,6 +54,23 @@ class Strategy:
         self.world_size = env.world_size
         self.local_rank = env.local_rank
 
+    @property
+    def data_rank(self) -> int:
+        """Which shard of each global batch this process trains on (a pipeline's stages of
+        one replica share theirs)."""
+        return self.rank
+
+    @property
+    def data_world(self) -> int:
+        """How many shards each global batch is cut into: batch x data_world x accum samples
+        per optimizer step."""
+        return self.world_size
+
+    def attach_loader(self, loader: Any) -> Any:
+        """The training loader, before the first step (a balancing strategy resizes its
+        per-rank shares); returns the loader the loop iterates."""
+        return loader
+
     # --- life cycle
     def setup(self) -> None:
         """Join whatever group the strategy needs. Called once, before anything else."""
@@ -143,7 +160,7 @@ class Strategy:
         buffers, the optimizer and precision state, and every rank's RNG streams."""
         return {"model": self.plain(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": precision.state_dict(), "rng": self.rng_state(),
-                "world_size": self.world_size}
+                "world_size": self.data_world}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module,
                         optimizer: torch.optim.Optimizer, precision: Precision) -> None:

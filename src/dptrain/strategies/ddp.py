@@ -33,6 +33,12 @@ class DDPOptions:
     sync_bn: bool = False  # BatchNorm statistics over the global batch
     reshard_after_forward: bool = True  # fsdp
     precision: str = "32"  # fsdp: its mixed-precision policy
+    stages: int = 2  # pipeline: stages (processes) per replica
+    microbatches: int = 4  # pipeline: micro-batches per batch
+    pipeline_schedule: str = "1f1b"  # pipeline: gpipe | 1f1b
+    split_points: str = ""  # pipeline: module names where stages 2..S begin
+    sync_every: int = 8  # localsgd: average parameters every H steps
+    localsgd_warmup_steps: int = 0  # localsgd: synchronous steps first
 
 
 class CommCounter:
