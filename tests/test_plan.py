@@ -87,3 +87,45 @@ def test_the_plan_travels_to_workers_whole():
 def test_builtin_datasets_are_fetched_once_before_the_workers():
     assert plan(dataset="mnist").fetch
     assert not plan(dataset="synthetic").fetch
+
+
+def test_threads_per_local_process_one_value_each():
+    p = plan(nproc="2", threads="2,1")
+    assert (p.threads, p.rank_threads) == (2, (2, 1))
+    assert [p.threads_for(r) for r in (0, 1)] == [2, 1]
+    assert plan(nproc="2", threads=3).threads_for(1) == 3  # an int, as Python callers pass it
+    with pytest.raises(UsageError, match="gives 3 values for 2 local"):
+        plan(nproc="2", threads="1,1,1")
+    for bad in ("two", "2,0", "-1", "1,,2", "2000"):
+        with pytest.raises(UsageError, match="--threads"):
+            plan(nproc="2", threads=bad)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"strategy": "pipeline", "nproc": "3", "stages": 2}, "--stages 2 does not divide the 3"),
+    ({"strategy": "pipeline", "nproc": "1"}, "at least 2 stages"),
+    ({"strategy": "pipeline", "nproc": "2", "batch_size": 10, "microbatches": 4},
+     "--microbatches 4 does not divide --batch-size 10"),
+    ({"strategy": "pipeline", "nproc": "2", "batch_size": 6}, "--microbatches 4 does not"),
+    ({"strategy": "pipeline", "nproc": "2", "sync_bn": True}, "--sync-bn cannot apply"),
+    ({"strategy": "ddp", "nproc": "2", "stages": 2}, "are for --strategy pipeline"),
+    ({"strategy": "hogwild", "nproc": "2", "nnodes": 2, "master_port": 29500},
+     "cannot span 2 nodes"),
+    ({"strategy": "hogwild", "nproc": "2", "sync_bn": True}, "--sync-bn cannot apply"),
+    ({"strategy": "localsgd", "nproc": "2", "sync_bn": True}, "local SGD avoids"),
+    ({"strategy": "zero", "nproc": "2", "balance": "auto"}, "does not apply to --strategy zero"),
+    ({"strategy": "ddp", "nproc": "1", "balance": "auto"}, "at least 2 processes"),
+])
+def test_pipeline_hogwild_localsgd_and_balance_flags_that_do_not_fit_are_refused(values,
+                                                                                  message):
+    with pytest.raises(UsageError, match=message):
+        plan(Hardware(cores=4), **values)
+
+
+def test_hogwild_is_refused_on_gpus_and_the_new_strategies_run_in_a_group():
+    with pytest.raises(UsageError, match="add --device cpu"):
+        plan(GPU4, strategy="hogwild", nproc="2")
+    assert plan(GPU4, strategy="hogwild", nproc="2", device="cpu").device == "cpu"
+    p = plan(Hardware(cores=4), strategy="pipeline", nproc="4", stages=2, batch_size=8)
+    assert (p.world_size, p.backend, p.launch) == (4, "gloo", "workers")
+    assert plan(strategy="localsgd", nproc="2").strategy == "localsgd"
