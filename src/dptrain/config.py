@@ -158,6 +158,10 @@ class TrainConfig:
     tensorboard: bool = _opt(False, "write TensorBoard event files (needs tensorboard)")
     logger: str = _opt("jsonl", f"experiment loggers, comma-separated: {', '.join(LOGGERS)}")
     eval_every_epoch: bool = _opt(True, "evaluate at the end of every epoch")
+    eval_every: int = _opt(0, "also evaluate every N optimizer steps (0 = only at epoch ends)")
+    target_accuracy: float = _opt(0.0, "stop once an evaluation reaches this accuracy (the "
+                                  "--val-fraction hold-out if any, else test; 0 = off); the "
+                                  "summary records the step and training time it took")
     profile: int = _opt(0, "profile N optimizer steps with torch.profiler (0 = off)")
 
     def __post_init__(self) -> None:
@@ -202,7 +206,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("max_steps", "node_rank", "master_port", "max_restarts",
+        non_negative = ("max_steps", "eval_every", "node_rank", "master_port", "max_restarts",
                         "localsgd_warmup_steps", "ckpt_every", "warmup_steps", "weight_decay", "momentum", "seed")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -226,6 +230,9 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.grad_clip >= 0:
             raise UsageError(f"--grad-clip must not be negative, got {self.grad_clip}")
+        if not 0 <= self.target_accuracy <= 1:
+            raise UsageError(f"--target-accuracy must be in [0, 1] (a fraction: 0.98 for 98 %), "
+                             f"got {self.target_accuracy}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.workers <= 256:

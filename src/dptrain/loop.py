@@ -37,6 +37,7 @@ class LoopResult:
     timed_samples: int = 0
     train_time_s: float = 0.0
     stopped_by_signal: bool = False
+    target_reached: dict[str, Any] | None = None  # {"step", "train_time_s", "accuracy"}
 
 
 class TrainStep:
@@ -133,11 +134,13 @@ class Trainer:
                  step: TrainStep, loader: ShardedLoader, total_steps: int,
                  on_checkpoint: Callable[[Position], None],
                  on_epoch_end: Callable[[Position], None], stop: StopRequest,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None,
+                 on_eval: Callable[[Position], float | None] | None = None) -> None:
         self.cfg, self.strategy, self.reporter = cfg, strategy, reporter
         self.step, self.loader, self.total_steps = step, loader, total_steps
         self.on_checkpoint, self.on_epoch_end = on_checkpoint, on_epoch_end
         self.on_step = on_step or (lambda step: None)
+        self.on_eval = on_eval  # --eval-every: evaluate, return the accuracy (or None)
         self.stop = stop
         self.device = strategy.device
         # each micro-batch's loss since the last sync point, one slot per micro-batch (a single
@@ -191,16 +194,17 @@ class Trainer:
         self.last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
         self.step.model.train()
         self.window_start, self.n_losses = pos.step, 0
-        while pos.step < self.total_steps and not result.stopped_by_signal:
+        while pos.step < self.total_steps and not self._done(result):
             for micro in loader.epoch(pos.epoch, pos.step_in_epoch):
                 self.record(self.step(micro, pos.step))
                 pos.step += 1
                 pos.step_in_epoch += 1
                 timer.after_step(loader.samples_per_step)
                 self.on_step(pos.step)
-                if self._boundary(pos, timer, result) or pos.step >= self.total_steps:
+                if (self._boundary(pos, timer, result) or self._evaluate(pos, timer, result)
+                        or pos.step >= self.total_steps):
                     break
-            if pos.step_in_epoch >= loader.steps_per_epoch and not result.stopped_by_signal:
+            if pos.step_in_epoch >= loader.steps_per_epoch and not self._done(result):
                 with timer.paused():  # an epoch ends however the last loop exited
                     self.on_epoch_end(pos)
                 pos.epoch += 1
@@ -210,6 +214,27 @@ class Trainer:
         result.timed_steps = timer.steps
         result.timed_samples = timer.samples
         return result
+
+    @staticmethod
+    def _done(result: LoopResult) -> bool:
+        return result.stopped_by_signal or result.target_reached is not None
+
+    def _evaluate(self, pos: Position, timer: Stopwatch, result: LoopResult) -> bool:
+        """``--eval-every``: evaluate (timer paused); True once ``--target-accuracy`` is met."""
+        every, target = self.cfg.eval_every, self.cfg.target_accuracy
+        if self.on_eval is None or result.stopped_by_signal:
+            return False
+        epoch_end = pos.step_in_epoch == self.loader.steps_per_epoch and self.cfg.eval_every_epoch
+        if not (every and pos.step % every == 0) and not (epoch_end and target):
+            return False
+        with timer.paused():  # an epoch's last step: the epoch-end evaluation, done here
+            accuracy = self.on_eval(pos)
+        if target and accuracy is not None and accuracy >= target:
+            result.target_reached = {"step": pos.step, "train_time_s": timer.now(),
+                                     "accuracy": accuracy, "samples": timer.samples}
+            self.reporter.info(f"target accuracy {target:g} reached at step {pos.step} "
+                               f"({accuracy:.4f}, {timer.now():.2f} s of training)")
+        return result.target_reached is not None
 
     def _boundary(self, pos: Position, timer: Stopwatch, result: LoopResult) -> bool:
         """Sync point, log line and checkpoint where one is due; True when told to stop."""

@@ -112,6 +112,9 @@ class Run:
         total = cfg.epochs * loader.steps_per_epoch
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         self.check_checkpoint(found, model, total, loader.steps_per_epoch)
+        if cfg.target_accuracy and self.objective.task == "regression":
+            raise UsageError("--target-accuracy needs a task with an accuracy (classification "
+                             "or multilabel); this run is a regression: drop it")
         self.reporter.start(to_toml(cfg))  # every check has passed: outputs may change now
         self.checkpoints.sweep()
         self.model = strategy.wrap(model)
@@ -124,7 +127,7 @@ class Run:
                          lambda s: lr_at(cfg, peak_lr, s, loader.steps_per_epoch, total))
         trainer = Trainer(cfg, strategy, self.reporter, step, loader, total,
                           on_checkpoint=self.save_checkpoint, on_epoch_end=self.epoch_end,
-                          stop=stop)
+                          stop=stop, on_eval=self.evaluate_due)
         self.reporter.info(f"{strategy.name} on {self.device} x {strategy.world_size} "
                            f"({strategy.backend}), model {cfg.model}, loss {cfg.loss} "
                            f"({self.objective.task}), global batch {loader.samples_per_step}, "
@@ -137,6 +140,9 @@ class Run:
         self.finish(result, pos)
         summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
                                 loader.samples_per_step, peak_lr, found and found[0])
+        if cfg.target_accuracy:
+            summary["target_accuracy"] = cfg.target_accuracy
+            summary["target_reached"] = result.target_reached  # None: not reached
         summary.update(self.memory())
         summary.update(self.data_summary())
         summary.update(self.flops(summary["train_samples_per_s"]))
@@ -315,7 +321,17 @@ class Run:
 
     def epoch_end(self, pos: Position) -> None:
         if self.cfg.eval_every_epoch:
-            self.run_eval(pos, "val" if self.splits.has_val else "test")
+            self.evaluate_due(pos)
+
+    def evaluate_due(self, pos: Position) -> float | None:
+        """The periodic evaluation (hold-out if any, else test), once per step; its
+        accuracy (None for tasks without one)."""
+        split = "val" if self.splits.has_val else "test"
+        done = getattr(self, "last_val", {}) if split == "val" else self.last_eval
+        if done.get("step") != pos.step:
+            self.run_eval(pos, split)
+            done = self.last_val if split == "val" else self.last_eval
+        return done["metrics"].get("accuracy")
 
     def finish(self, result: LoopResult, pos: Position) -> None:
         """Final evaluation and checkpoint -- or, stopped by a signal, only the checkpoint

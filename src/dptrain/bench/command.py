@@ -109,6 +109,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
                    help="before each launch wait up to SECONDS for other processes to leave "
                         "the CPU (at most 15%% busy) (default: 0)")
+    p.add_argument("--compare", default=None, metavar="STRATEGIES",
+                   help="instead: train each of these strategies (ddp, zero, fsdp, localsgd, "
+                        "hogwild) to --target-accuracy with the largest --nproc and report time, "
+                        "steps and bytes communicated, and when relaxed synchronisation pays "
+                        "(alpha-beta model for 25/100 GbE) (default: none)")
+    p.add_argument("--target-accuracy", type=float, default=0.98, metavar="ACC",
+                   help="--compare: the test accuracy each strategy trains to (default: 0.98)")
+    p.add_argument("--max-epochs", type=int, default=5, metavar="N",
+                   help="--compare: give up after N epochs (default: 5)")
+    p.add_argument("--eval-every", type=int, default=20, metavar="STEPS",
+                   help="--compare: evaluate every STEPS optimizer steps (default: 20)")
+    p.add_argument("--sync-every", type=int, default=8, metavar="H",
+                   help="--compare: localsgd averages the parameters every H steps "
+                        "(default: 8)")
     p.add_argument("--quick", action="store_true",
                    help="small configuration: finishes in a few minutes on 2 CPU cores")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
@@ -156,7 +170,32 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     o["quick"], o["plots"], o["what"] = args.quick, args.plots, args.what
     o["settle"] = args.settle
     o.update(_target_options(args))
+    o.update(_compare_options(args, o))
     return o
+
+
+def _compare_options(args: argparse.Namespace, o: dict[str, Any]) -> dict[str, Any]:
+    """--compare and its settings, checked (empty when --compare is not given)."""
+    text = getattr(args, "compare", None)
+    if text is None:
+        return {"compare": None}
+    from dptrain.bench.compare import parse
+
+    names = parse(text)
+    n = max(o["nprocs"])
+    if n < 2:
+        raise UsageError(f"--compare needs at least 2 processes (--nproc {n}): the strategies "
+                         "differ in how processes synchronise")
+    acc, epochs, every, h = (args.target_accuracy, args.max_epochs, args.eval_every,
+                             args.sync_every)
+    if not (math.isfinite(acc) and 0 < acc <= 1):
+        raise UsageError(f"--target-accuracy must be in (0, 1] (0.98 for 98 %), got {acc}")
+    for flag_name, value, high in (("max-epochs", epochs, 10_000), ("eval-every", every, 10**7),
+                                   ("sync-every", h, 10**6)):
+        if not 1 <= value <= high:
+            raise UsageError(f"--{flag_name} must be 1 to {high}, got {value}")
+    return {"compare": names, "compare_nproc": n, "target_accuracy": acc,
+            "max_epochs": epochs, "eval_every": every, "sync_every": h}
 
 
 def _target_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +281,11 @@ def _nprocs(text: str, device: str) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Entry point of ``dptrain bench``."""
     o = options(args)
+    if o["compare"]:
+        from dptrain.bench.compare import run_compare
+
+        return run_compare(o, Path(args.out or Path("runs") / datetime.now().strftime(
+            "compare-%Y%m%d-%H%M%S")))
     if o["what"] == "comm":
         return run_comm(o, args.out)
     return run_bench(o, Path(args.out or Path("runs") / datetime.now().strftime(
