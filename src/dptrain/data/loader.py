@@ -10,6 +10,13 @@ a restart, so no generator state needs saving. An optimizer step consumes a *glo
 so the union over ranks of micro-batch ``k`` is exactly micro-batch ``k`` of one process with
 batch ``B * world``: training does not depend on the world size.
 
+Unequal shares (``--balance auto``): :meth:`ShardedLoader.set_shares` gives rank ``r`` ``b_r``
+samples of every global micro-batch (``sum(b_r) == G``, each at least 1): it takes
+``[offset_r, offset_r + b_r)`` of the same ``G`` indices (``offset_r = b_0 + ... + b_{r-1}``),
+so the union per micro-batch, and hence the step, is unchanged. Equal shares are the case
+``b_r = B``; both use the same gather. A change applies from the next step the epoch's
+iterator yields: the chunk gathered ahead is cut off there and regathered with the new shares.
+
 Drop-last: the last ``N mod (B * world * accum)`` samples of each epoch's permutation are not
 used that epoch (a different tail each epoch, since the permutation changes). Evaluation never
 drops: :func:`eval_shard` splits the test set into contiguous shards of sizes differing by at
@@ -18,7 +25,7 @@ most one, so every sample is counted exactly once for any world size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,9 +84,29 @@ class ShardedLoader:
         self.micro_global = batch_size * world  # samples per micro-batch over all ranks
         self.samples_per_step = self.micro_global * accum  # samples per optimizer step, global
         self.steps_per_epoch = self.n // self.samples_per_step
+        self.shares: tuple[int, ...] | None = None  # None: B samples per rank
+        self.local_batch, self.offset = batch_size, rank * batch_size  # this rank's cut
+        self._version = 0  # bumped by each set_shares: an epoch's iterator regathers
 
     def __len__(self) -> int:
         return self.n
+
+    def set_shares(self, shares: Sequence[int] | None) -> None:
+        """Samples of every global micro-batch per rank, from the next step yielded on (also
+        mid-epoch). ``None`` or ``B`` each: the equal shares."""
+        if shares is not None:
+            shares = tuple(int(b) for b in shares)
+            if (len(shares) != self.world or sum(shares) != self.micro_global
+                    or min(shares) < 1):
+                raise ValueError(f"shares {list(shares)}: need {self.world} counts, each at "
+                                 f"least 1, summing to {self.micro_global}")
+            if all(b == self.batch_size for b in shares):
+                shares = None
+        self.shares = shares
+        self.local_batch = self.batch_size if shares is None else shares[self.rank]
+        self.offset = (self.rank * self.batch_size if shares is None
+                       else sum(shares[:self.rank]))
+        self._version += 1
 
     def permutation(self, epoch: int) -> torch.Tensor:
         perm = torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
@@ -88,9 +115,8 @@ class ShardedLoader:
 
     def indices(self, perm: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         """This rank's indices for micro-batch ``micro`` of optimizer step ``step``."""
-        start = (step * self.samples_per_step + micro * self.micro_global
-                 + self.rank * self.batch_size)
-        return perm[start:start + self.batch_size]
+        start = step * self.samples_per_step + micro * self.micro_global + self.offset
+        return perm[start:start + self.local_batch]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
         """Yield, per optimizer step from ``start_step``, the ``accum`` micro-batches.
@@ -98,6 +124,7 @@ class ShardedLoader:
         This rank's samples are gathered a chunk of steps at a time (one ``index_select`` for
         about ``CHUNK_FLOATS`` normalised values, then slices): the same batches, bit for bit,
         as gathering each micro-batch on its own, for a fraction of the per-step operations.
+        A :meth:`set_shares` between two steps ends the chunk there; the rest is regathered.
         """
         if self.augment not in ("none", "shift"):
             raise ValueError(f"unknown augmentation {self.augment!r}")
@@ -105,29 +132,39 @@ class ShardedLoader:
             raise ValueError(f"start step {start_step} outside the epoch's "
                              f"{self.steps_per_epoch} steps")
         perm = self.permutation(epoch)
-        b, accum, world = self.batch_size, self.accum, self.world
         sample = max(1, sum(t[0].numel() for t in B.leaves(self.x))) if self.n else 1
-        chunk_steps = max(1, CHUNK_FLOATS // (b * accum * sample))
-        g = self.samples_per_step
-        for first in range(start_step, self.steps_per_epoch, chunk_steps):
-            last = min(first + chunk_steps, self.steps_per_epoch)
-            # (steps, micro-batches, ranks, batch) -> this rank's column, in step/micro order
-            idx = perm[first * g:last * g]
-            idx = idx.view(last - first, accum, world, b)[:, :, self.rank].reshape(-1)
-            xs = B.index(self.x, idx)
-            ys = None if self.y is None else self.y.index_select(0, idx)
-            if self.augment == "none":
-                xs = self.normalize(xs)
-            for i, step in enumerate(range(first, last)):
-                micro = []
-                for k in range(accum):
-                    lo = (i * accum + k) * b
-                    xb = B.slice_(xs, lo, lo + b)
-                    if self.augment == "shift":
-                        xb = self.normalize(random_shift(xb, self.seed, epoch, step, k,
-                                                         self.rank))
-                    micro.append((xb, None if ys is None else ys[lo:lo + b]))
+        step = start_step
+        while step < self.steps_per_epoch:
+            version = self._version
+            chunk_steps = max(1, CHUNK_FLOATS // (self.local_batch * self.accum * sample))
+            last = min(step + chunk_steps, self.steps_per_epoch)
+            for micro in self._chunk(perm, epoch, step, last):
                 yield micro
+                step += 1
+                if self._version != version:  # new shares from this step on
+                    break
+
+    def _chunk(self, perm: torch.Tensor, epoch: int, first: int,
+               last: int) -> Iterator[list[Batch]]:
+        """Steps ``[first, last)``: this rank's samples gathered at once, then sliced."""
+        b, accum, g = self.local_batch, self.accum, self.samples_per_step
+        # (steps, micro-batches, global micro-batch) -> this rank's cut, in step/micro order
+        idx = perm[first * g:last * g].view(last - first, accum, self.micro_global)
+        idx = idx[:, :, self.offset:self.offset + b].reshape(-1)
+        xs = B.index(self.x, idx)
+        ys = None if self.y is None else self.y.index_select(0, idx)
+        if self.augment == "none":
+            xs = self.normalize(xs)
+        for i, step in enumerate(range(first, last)):
+            micro = []
+            for k in range(accum):
+                lo = (i * accum + k) * b
+                xb = B.slice_(xs, lo, lo + b)
+                if self.augment == "shift":
+                    xb = self.normalize(random_shift(xb, self.seed, epoch, step, k,
+                                                     self.rank))
+                micro.append((xb, None if ys is None else ys[lo:lo + b]))
+            yield micro
 
 
 class DatasetLoader(ShardedLoader):
@@ -168,17 +205,24 @@ class DatasetLoader(ShardedLoader):
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
         perm = self.permutation(epoch)
-        self._sampler.batches = [self.indices(perm, step, k).tolist()
-                                 for step in range(start_step, self.steps_per_epoch)
-                                 for k in range(self.accum)]
-        micro: list[Batch] = []
-        for batch in self.loader():
-            xb, yb = self.prepare(*split_sample(batch))
-            xb = self.normalize(B.to_device(xb, self.device))
-            micro.append((xb, B.to_device(yb, self.device)))
-            if len(micro) == self.accum:
-                yield micro
-                micro = []
+        step = start_step
+        while step < self.steps_per_epoch:
+            version = self._version
+            self._sampler.batches = [self.indices(perm, s, k).tolist()
+                                     for s in range(step, self.steps_per_epoch)
+                                     for k in range(self.accum)]
+            micro: list[Batch] = []
+            for batch in self.loader():  # a new iteration drains what workers fetched ahead
+                xb, yb = self.prepare(*split_sample(batch))
+                xb = self.normalize(B.to_device(xb, self.device))
+                micro.append((xb, B.to_device(yb, self.device)))
+                if len(micro) == self.accum:
+                    yield micro
+                    micro, step = [], step + 1
+                    if self._version != version:  # new shares: refill from this step on
+                        break
+            else:
+                return
 
 
 class _BatchList:
