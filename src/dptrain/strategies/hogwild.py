@@ -157,6 +157,21 @@ def share_parameters(model: nn.Module, segment: SharedSegment, *, fill: bool) ->
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def optimizer_state_for(state: dict[str, Any], rank: int, world_size: int
+                        ) -> tuple[dict[str, Any], str | None]:
+    """Which saved optimizer state ``rank`` continues from: its own when the checkpoint was
+    written by as many hogwild processes, else rank 0's (``optimizer``, what every strategy
+    writes), with a note saying so."""
+    per_rank = state.get("optimizer_per_rank") or []
+    if len(per_rank) == world_size:
+        return per_rank[rank], None
+    if per_rank:
+        return state["optimizer"], (f"the checkpoint was written by {len(per_rank)} hogwild "
+                                    f"processes, this run has {world_size}: every rank "
+                                    "continues from rank 0's optimizer state")
+    return state["optimizer"], None
+
+
 # ------------------------------------------------------------------ the strategy
 class Hogwild(DistributedDataParallel):
     """Lock-free asynchronous training on one node: shared parameters, private optimizers."""
@@ -244,13 +259,10 @@ class Hogwild(DistributedDataParallel):
                         optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         """The model into the shared parameters, this rank's optimizer state (rank 0's when the
         world size changed), then a barrier before anyone steps."""
-        per_rank = state.get("optimizer_per_rank") or []
-        if len(per_rank) == self.world_size:
-            state = {**state, "optimizer": per_rank[self.rank]}
-        elif per_rank and self.is_main:
-            log.warning("warning: the checkpoint was written by %d hogwild processes, this run "
-                        "has %d: every rank continues from rank 0's optimizer state",
-                        len(per_rank), self.world_size)
+        own, note = optimizer_state_for(state, self.rank, self.world_size)
+        if note and self.is_main:
+            log.warning("warning: %s", note)
+        state = {**state, "optimizer": own}
         super().load_state_dict(state, model, optimizer, precision)
         self.barrier()
 
