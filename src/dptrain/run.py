@@ -20,6 +20,7 @@ from dptrain import checkpoint as ck
 from dptrain import dist, strategies
 from dptrain.config import TrainConfig, to_toml
 from dptrain.data import batch as B
+from dptrain.data import shared
 from dptrain.data.datasets import Splits, load_splits
 from dptrain.data.loader import DatasetLoader, Normalizer, ShardedLoader
 from dptrain.errors import UsageError
@@ -198,7 +199,13 @@ class Run:
     def load_data(self, model: torch.nn.Module) -> Splits:
         """Both splits, their inputs in the model's dtype and targets checked against the
         task, on the device; then one dry-run batch through the model."""
-        splits = load_splits(self.cfg.dataset, self.cfg.data_root, log=self.reporter.info)
+        def build() -> Splits:
+            return load_splits(self.cfg.dataset, self.cfg.data_root, log=self.reporter.info)
+
+        # tensors of a plug-in or MNIST: built once per node, shared by its processes
+        splits = (shared.load_once_per_node(build, self.strategy)
+                  if shared.wanted(self.strategy) and self.cfg.dataset != "synthetic"
+                  else build())
         splits = splits.hold_out(self.cfg.val_fraction, self.cfg.seed)
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.float32)

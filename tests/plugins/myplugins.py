@@ -81,3 +81,19 @@ class BlobDataset(torch.utils.data.Dataset):
 def blob_datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     tx, ty, vx, vy = blobs()
     return BlobDataset(tx, ty), BlobDataset(vx, vy)
+
+
+def counted_data():
+    """A tensor dataset that records every build (one file per call, named by pid) in
+    $DPTRAIN_TEST_BUILDS: built once per node, there is exactly one."""
+    import os
+    from pathlib import Path
+
+    builds = Path(os.environ["DPTRAIN_TEST_BUILDS"])
+    builds.mkdir(parents=True, exist_ok=True)
+    (builds / f"build-{os.getpid()}").write_text("built")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 784, generator=gen)
+    w = torch.randn(784, 10, generator=gen)
+    y = (x @ w).argmax(1)
+    return x[:500].reshape(500, 1, 28, 28), y[:500], x[500:].reshape(100, 1, 28, 28), y[500:]
