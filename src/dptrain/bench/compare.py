@@ -64,7 +64,8 @@ def train_config(o: dict[str, Any], strategy: str, out: Path, seed: int) -> Any:
 def comm_bytes(summary: dict[str, Any]) -> int:
     """Bytes this rank sent into collectives for training: gradient all-reduces (counted by
     the comm hook) plus parameter averages (local SGD)."""
-    return int(summary.get("allreduce_bytes") or 0) + int(summary.get("averaged_bytes") or 0)
+    return sum(int(summary.get(key) or 0) for key in (
+        "allreduce_bytes", "warmup_allreduce_bytes", "parameter_average_bytes"))
 
 
 def run_one(o: dict[str, Any], strategy: str, out: Path, repeat: int) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def run_one(o: dict[str, Any], strategy: str, out: Path, repeat: int) -> dict[st
             "steps": s["steps"], "train_time_s": s["train_time_s"],
             "step_time_s": (s["train_time_s"] / s["timed_steps"]) if s["timed_steps"] else None,
             "final_accuracy": s["test_accuracy"], "comm_bytes_per_rank": comm_bytes(s),
-            "param_averages": s.get("param_averages"), "exact": strategy != "hogwild",
+            "param_averages": s.get("parameter_averages"),
+            "warmup_steps": s.get("localsgd_warmup_steps"), "exact": strategy != "hogwild",
             "wall_s": time.perf_counter() - t0}
 
 
