@@ -1,10 +1,18 @@
-"""Checkpoints: atomic, written by one rank, loaded safely, with a fallback when corrupt.
+"""Checkpoints: atomic, loaded safely, with a fallback when corrupt.
 
 Layout under ``OUT/checkpoints/``: ``step-00000120.pt`` (the newest ``--keep-ckpts`` are kept)
-and ``last.pt`` (a hard link to the newest one). Every file is written to a temporary name,
-fsync'd, then renamed over the target, so a crash or a full disk never leaves a half-written
-file under a real name. Loading always uses ``torch.load(weights_only=True)``: a checkpoint can
-hold tensors and plain containers, never code.
+and ``last.pt`` (a hard link to the newest one), written by rank 0 from the consolidated state
+``Strategy.state_dict`` gathers. Every file is written to a temporary name, fsync'd, then
+renamed over the target, so a crash or a full disk never leaves a half-written file under a
+real name. Loading always uses ``torch.load(weights_only=True)``: a checkpoint can hold
+tensors and plain containers, never code.
+
+A strategy with ``sharded_state_dict`` (fsdp, zero) writes ``step-00000120.dcp/``
+directories instead, every rank its own shard, through ``torch.distributed.checkpoint``;
+``last.pt`` is then the consolidated plain model plus a pointer (``sharded``) to the newest
+directory. :mod:`dptrain.checkpoint_dcp` holds that format and explains its design; this
+module dispatches to it (:func:`load` of a directory, :func:`capture`, :meth:`Checkpointer.save`,
+:func:`restore`), so both formats resume under every strategy.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def write_fix(exc: OSError) -> str:
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save's .NAME.tmpPID
-_NUMBERED = re.compile(r"^step-(\d{8})\.pt$")
+_NUMBERED = re.compile(r"^step-(\d{8})\.(pt|dcp)$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,7 +115,12 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load and sanity-check one checkpoint; any problem is a :class:`UsageError`."""
+    """Load and sanity-check one checkpoint (a ``.pt`` file, or a DCP directory: its
+    metadata, the tensors' data left on disk); any problem is a :class:`UsageError`."""
+    if path.is_dir():
+        from dptrain import checkpoint_dcp
+
+        return checkpoint_dcp.read(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist (or is not a file); check --resume")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
@@ -129,6 +142,8 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UsageError(f"checkpoint {path} is not a dptrain checkpoint (no '{FORMAT}' format "
                          "marker); pass a file written by dptrain train")
+    if isinstance(state.get("sharded"), str):  # last.pt of a sharded run: the rest beside it
+        state["sharded"] = str(path.parent / Path(state["sharded"]).name)
     problem = incomplete(state)
     if problem:
         raise UsageError(f"checkpoint {path} is incomplete or inconsistent ({problem}); resume "
@@ -141,7 +156,8 @@ REQUIRED = ("model", "optimizer", "position", "rng", "world_size")
 
 def incomplete(state: dict[str, Any]) -> str | None:
     """What makes a loaded checkpoint unusable for exact resume (None: nothing)."""
-    missing = [k for k in REQUIRED if k not in state]
+    sharded = "sharded" in state  # the optimizer state is in the DCP directory
+    missing = [k for k in REQUIRED if k not in state and not (sharded and k == "optimizer")]
     if missing:
         return f"no {', '.join(repr(k) for k in missing)}"
     model = state["model"]
@@ -151,7 +167,7 @@ def incomplete(state: dict[str, Any]) -> str | None:
     for name, t in model.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"parameter {name!r} holds NaN/inf values"
-    opt = state["optimizer"]
+    opt = state.get("optimizer", {"state": {}, "param_groups": []})
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
             and isinstance(opt.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list)
@@ -286,6 +302,12 @@ def check_position(state: dict[str, Any], path: str, total_steps: int,
 def capture(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             precision: Precision, pos: Position, cfg: TrainConfig) -> dict[str, Any]:
     """Everything exact resume needs (a collective: call on every rank)."""
+    if hasattr(strategy, "sharded_state_dict"):
+        from dptrain import checkpoint_dcp
+
+        return checkpoint_dcp.capture(strategy, model, optimizer, precision, {
+            "position": pos.to_dict(), "config": cfg.to_dict(), "data_seed": cfg.seed,
+            "torch_version": str(torch.__version__)})
     state = strategy.state_dict(model, optimizer, precision)
     state["rng"]["data_seed"] = cfg.seed
     return {**state, "position": pos.to_dict(), "config": cfg.to_dict(),
@@ -295,8 +317,20 @@ def capture(strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.O
 def check_model(state: dict[str, Any], path: str, model: torch.nn.Module, cfg: TrainConfig
                 ) -> None:
     """The saved tensors fit the (plain) model: the same names, shapes and dtypes -- checked
-    before anything is loaded or written, and never cast."""
-    own, saved = model.state_dict(), state["model"]
+    before anything is loaded or written, and never cast. For a sharded checkpoint the
+    tensors checked are the ones its directory holds (``last.pt``'s copy: checked as well)."""
+    saved = [state["model"]]
+    if "sharded" in state:
+        from dptrain import checkpoint_dcp
+
+        saved.append(checkpoint_dcp.read(Path(state["sharded"]))["model"])
+    for tensors in saved:
+        _check_tensors(tensors, path, model, cfg)
+
+
+def _check_tensors(saved: dict[str, torch.Tensor], path: str, model: torch.nn.Module,
+                   cfg: TrainConfig) -> None:
+    own = model.state_dict()
     fix = "resume with the model it was written for"
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or extra:
@@ -319,17 +353,17 @@ def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.n
             optimizer: torch.optim.Optimizer, precision: Precision, cfg: TrainConfig) -> None:
     """Load ``state`` into the wrapped model, optimizer, precision and RNGs."""
     try:
-        strategy.load_state_dict(state, model, optimizer, precision)
+        if "sharded" in state:
+            from dptrain import checkpoint_dcp
+
+            checkpoint_dcp.restore(state, strategy, model, optimizer, precision)
+        else:
+            strategy.load_state_dict(state, model, optimizer, precision)
     except UsageError as exc:
         fix = ("resume with the model it was written for" if "model" in str(exc) else
                "resume with the settings it was written with")
         raise UsageError(f"checkpoint {path} does not fit --model {cfg.model}: {exc}; {fix}"
                          ) from None
-
-
-
-
-
 
 
 class Checkpointer:
@@ -349,7 +383,7 @@ class Checkpointer:
         for p in self.dir.iterdir():
             m = _TEMPORARY.match(p.name)
             if m and not pid_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(p)
         return removed
 
@@ -361,6 +395,13 @@ class Checkpointer:
         return sorted(found, key=lambda p: p.name, reverse=True)
 
     def save(self, state: dict[str, Any], step: int) -> Path | None:
+        """Write ``state`` as checkpoint ``step`` (call on every rank); rank 0's path."""
+        if hasattr(state, "tensors"):  # a checkpoint_dcp.ShardedState: every rank writes
+            from dptrain import checkpoint_dcp
+
+            path = checkpoint_dcp.save(state, self.dir, step, is_main=self.is_main)
+            self._rotate()
+            return path
         if not self.is_main:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -380,9 +421,13 @@ class Checkpointer:
             fix = write_fix(exc)
             raise UsageError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {fix} "
                              "(earlier checkpoints are intact)") from None
-        for old in self.numbered()[self.keep:]:
-            old.unlink(missing_ok=True)
+        self._rotate()
         return path
+
+    def _rotate(self) -> None:
+        if self.is_main:
+            for old in self.numbered()[self.keep:]:
+                _remove(old)
 
     def latest_good(self, device: torch.device | str = "cpu",
                     warn=lambda msg: None) -> tuple[Path, dict[str, Any]] | None:  # noqa: ANN001
@@ -395,7 +440,20 @@ class Checkpointer:
         last = self.dir / "last.pt"
         if last.is_file():
             try:
-                return last, load(last, device)
+                state = load(last, device)
             except UsageError as exc:
                 warn(str(exc))
+                return None
+            # a sharded run's last.pt points at a directory already tried above
+            return None if "sharded" in state else (last, state)
         return None
+
+
+def _remove(path: Path) -> None:
+    """A numbered checkpoint or a temporary: a file, or a DCP directory."""
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

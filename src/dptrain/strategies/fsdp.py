@@ -15,12 +15,17 @@ DDP's (gradients averaged over ranks), so N processes x batch B equal one proces
   gradient reduction and fp32 master shards), on top of bf16 autocast.
 * ``--grad-clip``: the global norm over the sharded gradients (DTensor arithmetic: one
   all-reduce).
-* Evaluation and checkpoints use a plain copy of the model, refreshed from the shards by an
+* Evaluation and ``last.pt`` use a plain copy of the model, refreshed from the shards by an
   all-gather (every rank calls it), so evaluation runs each rank's shard of the test set with
   no collective inside the forward, and ``last.pt`` holds the unwrapped, consolidated model.
-  The optimizer state is consolidated on rank 0 in the format a plain optimizer writes
-  (indexed by position in the parameter groups), so ddp, zero and fsdp checkpoints are
-  interchangeable, at any world size.
+  The copy is refreshed only when a shard or buffer changed since the last gather (their
+  version counters), so a checkpoint, and an evaluation at the same step, share one gather.
+* Numbered checkpoints are sharded (``checkpoint_dcp``): :meth:`sharded_state_dict` hands
+  DCP each rank's DTensor shards of the parameters and of the optimizer state, keyed by
+  parameter name -- nothing is gathered -- and :meth:`load_sharded` has DCP read just this
+  rank's part of any such checkpoint (written by fsdp or zero, at any world size), so ddp,
+  zero and fsdp checkpoints stay interchangeable. :meth:`state_dict` still gives the
+  consolidated state (optimizer indexed by position in the parameter groups, on rank 0).
 * ``--sync-bn`` is refused (BatchNorm statistics stay per rank; rank 0's are kept, as in DDP).
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +42,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from dptrain import checkpoint_dcp
 from dptrain.errors import UsageError
 from dptrain.strategies.base import with_own_kernels
 from dptrain.strategies.ddp import DistributedDataParallel
@@ -89,14 +96,22 @@ class FullyShardedDataParallel(DistributedDataParallel):
         finally:
             model.set_requires_gradient_sync(True)
 
+    gathers = 0  # full-model all-gathers so far (tests, bench)
+
     def plain(self, model: nn.Module) -> nn.Module:
-        """The plain copy, holding the full parameters (an all-gather: every rank calls it)."""
+        """The plain copy, holding the full parameters (an all-gather: every rank calls it;
+        skipped on every rank alike when no shard or buffer changed since the last one)."""
         model = getattr(model, "_orig_mod", model)
         if not isinstance(model, FSDPModule):
             return model
+        seen = _versions(model)
+        if seen == getattr(self, "_gathered", None):
+            return self.template
         api = _state_dict_api()
         self.template.load_state_dict(api.get_model_state_dict(
             model, options=api.StateDictOptions(full_state_dict=True)))
+        self._gathered = seen
+        self.gathers += 1
         return self.template
 
     def clip_gradients(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -113,7 +128,7 @@ class FullyShardedDataParallel(DistributedDataParallel):
             model, optimizer, options=api.StateDictOptions(full_state_dict=True,
                                                            cpu_offload=True))
         return {"model": self.plain(model).state_dict(),
-                "optimizer": _by_index(osd) if self.is_main else {},
+                "optimizer": checkpoint_dcp.by_index(osd) if self.is_main else {},
                 "scaler": precision.state_dict(), "rng": self.rng_state(),
                 "world_size": self.world_size}
 
@@ -133,6 +148,45 @@ class FullyShardedDataParallel(DistributedDataParallel):
         if len(state["rng"]["cpu"]) == self.world_size:
             self.load_rng_state(state["rng"])
 
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           precision: Precision) -> dict[str, Any]:
+        """Each rank's shards, by parameter name, for DCP (no gather): the parameters and
+        the optimizer state as DTensors, the buffers (rank 0's, broadcast first, as the
+        consolidated checkpoint keeps them) as plain tensors."""
+        api = _state_dict_api()
+        model = getattr(model, "_orig_mod", model)
+        self.sync_buffers(model)
+        osd = api.get_optimizer_state_dict(model, optimizer)
+        tensors, scalars = checkpoint_dcp.split_state(osd["state"], {k: k for k in osd["state"]})
+        return {"tensors": {"model": api.get_model_state_dict(model), "optim": tensors},
+                "optim_scalars": scalars, "param_groups": osd["param_groups"],
+                "scaler": precision.state_dict(), "rng": self.rng_state(),
+                "world_size": self.world_size}
+
+    def load_sharded(self, state: dict[str, Any], model: nn.Module,
+                     optimizer: torch.optim.Optimizer, precision: Precision) -> None:
+        """A DCP checkpoint, this rank reading only its shards (a collective)."""
+        api = _state_dict_api()
+        path = Path(state["sharded"])
+        msd = api.get_model_state_dict(model)
+        params = dict(model.named_parameters())
+        optim = {fqn: {item: _like(params[fqn], shape, dtype)
+                       for item, (shape, dtype) in items.items()}
+                 for fqn, items in checkpoint_dcp.optim_keys(path, list(params)).items()}
+        checkpoint_dcp.load_into({"model": msd, "optim": optim}, path, collective=True)
+        api.set_model_state_dict(model, msd)
+        for fqn, items in (state.get("optim_scalars") or {}).items():
+            optim.setdefault(fqn, {}).update(items)
+        groups = with_own_kernels({"param_groups": state["param_groups"]}, optimizer)
+        try:
+            api.set_optimizer_state_dict(model, optimizer, {"state": optim, **groups})
+        except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+            raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
+                             ) from None
+        precision.load_state_dict(state.get("scaler") or {})
+        self.load_rng_state(state["rng"])
+        self._gathered = None
+
     def params_finite(self, model: nn.Module) -> bool:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
         bad = torch.tensor([float(any(not bool(torch.isfinite(t).all()) for t in local))])
@@ -143,28 +197,29 @@ class FullyShardedDataParallel(DistributedDataParallel):
         return "per process (rank 0's are kept)"
 
 
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    """Version counters of this rank's shards and buffers: any in-place change (an optimizer
+    step, a load, BatchNorm statistics) moves one."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return tuple(t._version for t in [*local, *model.buffers()])
+
+
+def _like(param: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Where a saved optimizer tensor loads: sharded like its parameter when it has the
+    parameter's shape (momenta, Adam's moments), else a plain tensor (Adam's step)."""
+    if tuple(shape) == tuple(param.shape):
+        return torch.zeros_like(param, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
 def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """Each parameter group's parameters by name (the model's own, fully_shard keeps them)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
 
-def _by_index(osd: dict[str, Any]) -> dict[str, Any]:
-    """A name-keyed full optimizer state -> torch's own format (positions in the groups)."""
-    state, groups, index = {}, [], 0
-    for group in osd["param_groups"]:
-        ids = []
-        for name in group["params"]:
-            if name in osd["state"]:
-                state[index] = osd["state"][name]
-            ids.append(index)
-            index += 1
-        groups.append({**group, "params": ids})
-    return {"state": state, "param_groups": groups}
-
-
 def _by_name(sd: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
-    """Inverse of :func:`_by_index` for this optimizer's groups."""
+    """Inverse of :func:`checkpoint_dcp.by_index` for this optimizer's groups."""
     if len(sd["param_groups"]) != len(names):
         raise ValueError(f"{len(sd['param_groups'])} parameter groups saved, "
                          f"{len(names)} here")

@@ -9,9 +9,14 @@ batch B still equal one process x batch N*B.
 
 ``overlap_with_ddp`` (running the partition's update inside DDP's communication hook) needs
 NCCL and a static graph, and is refused on gloo; dptrain runs the update after the backward
-on every backend. The checkpoint holds the consolidated, globally indexed optimizer state (the
-same format a plain optimizer writes), so a ZeRO checkpoint resumes under ddp, fsdp or ZeRO at
-any world size.
+on every backend.
+
+Numbered checkpoints are sharded (``checkpoint_dcp``): :meth:`sharded_state_dict` gives DCP
+this rank's partition of the optimizer state keyed by parameter name, and the replicated
+model, of which DCP's planner has each rank write a share -- no rank consolidates anything.
+Such a checkpoint resumes under ddp, fsdp or ZeRO at any world size; loading one, ZeRO takes
+the full state (read by each rank, no collective) through ``load_state_dict``, which keeps this
+rank's partition. :meth:`state_dict` still gives the consolidated, globally indexed state.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dptrain import checkpoint_dcp
 from dptrain.strategies.ddp import DistributedDataParallel
 
 if TYPE_CHECKING:
@@ -66,6 +72,28 @@ class ZeroDataParallel(DistributedDataParallel):
         state = super().state_dict(model, _NoState(), precision)
         state["optimizer"] = self.optimizer_state(optimizer)
         return state
+
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           precision: Precision) -> dict[str, Any]:
+        """This rank's partition of the optimizer state, by parameter name, and the model
+        (replicated: DCP has each rank write a share) -- for DCP, nothing gathered."""
+        plain = self.plain(model)
+        names = {id(p): n for n, p in plain.named_parameters()}
+        local = optimizer.optim.state  # this rank's partition only
+        tensors, scalars = checkpoint_dcp.split_state(
+            {id(p): items for p, items in local.items()}, names)
+        return {"tensors": {"model": plain.state_dict(), "optim": tensors},
+                "optim_scalars": self.merged(scalars),
+                "param_groups": checkpoint_dcp.named_groups(optimizer.param_groups, names),
+                "scaler": precision.state_dict(), "rng": self.rng_state(),
+                "world_size": self.data_world}
+
+    def merged(self, mine: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's non-tensor per-parameter values, in one dict (a collective)."""
+        out: dict[str, Any] = {}
+        for part in self.all_gather_object(mine):
+            out.update(part)
+        return out
 
 
 class _NoState:
