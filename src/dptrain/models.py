@@ -30,12 +30,14 @@ def convnet() -> nn.Module:
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
 
-    return nn.Sequential(block(1, 16), block(16, 32), nn.Flatten(), nn.Linear(7 * 7 * 32, 10))
+    return _with_split_points(
+        nn.Sequential(block(1, 16), block(16, 32), nn.Flatten(), nn.Linear(7 * 7 * 32, 10)),
+        {2: ("1",), 3: ("1", "2")})
 
 
 def cnn() -> nn.Module:
     """The classic PyTorch MNIST example: conv32, conv64, maxpool, dropout .25, fc128, dropout .5."""
-    return nn.Sequential(
+    return _with_split_points(nn.Sequential(
         nn.Conv2d(1, 32, 3, 1),
         nn.ReLU(),
         nn.Conv2d(32, 64, 3, 1),
@@ -47,7 +49,7 @@ def cnn() -> nn.Module:
         nn.ReLU(),
         nn.Dropout(0.5),
         nn.Linear(128, 10),
-    )
+    ), {2: ("6",), 3: ("2", "6")})
 
 
 def fastnet() -> nn.Module:
@@ -61,13 +63,22 @@ def fastnet() -> nn.Module:
             nn.MaxPool2d(2),
         )
 
-    return nn.Sequential(
+    return _with_split_points(nn.Sequential(
         block(1, 16),  # 14x14
         block(16, 32),  # 7x7
         block(32, 64),  # 3x3
         nn.Flatten(),
         nn.Linear(64 * 9, 10),
-    )
+    ), {2: ("2",), 3: ("1", "2")})
+
+
+def _with_split_points(model: nn.Sequential, points: dict[int, tuple[str, ...]]
+                       ) -> nn.Sequential:
+    """Where ``--strategy pipeline`` starts stages 2..S, per stage count S: chosen by the
+    layers' multiply-adds (balanced compute), at block boundaries (one tensor passes on).
+    Other stage counts are cut by parameter count."""
+    model.pipeline_split_points = points
+    return model
 
 
 REGISTRY: dict[str, Callable[[], nn.Module]] = {
