@@ -87,10 +87,6 @@ def _until(cond, timeout: float, what: str, job_id: str, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DPTRAIN_TEST_SLURM_REQUEUE") != "1",
-                    reason="opt-in (DPTRAIN_TEST_SLURM_REQUEUE=1): a live requeue waits on "
-                    "SLURM's requeue hold and took 90 s to over 300 s here; the same script "
-                    "runs in tests/test_slurm.py with stand-ins for srun and scontrol")
 def test_requeue_job_checkpoints_on_usr1_requeues_and_finishes_bitwise(cluster, tmp_path):
     """`dptrain slurm --requeue`: USR1 (what --signal=B:USR1@LEAD sends ahead of the time
     limit) -> every rank checkpoints, the job requeues itself, the requeued start resumes and
