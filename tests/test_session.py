@@ -109,6 +109,8 @@ def test_bad_settings_and_misuse_are_usage_errors(tmp_path):
         dptrain.Session(lrate=0.1)
     with pytest.raises(UsageError, match="needs CUDA"):
         dptrain.Session(strategy="dp", device="cpu")
+    with pytest.raises(UsageError, match="only dptrain's own step can drive"):
+        dptrain.Session(strategy="pipeline")
     session_run(tmp_path / "done", 2, save_at=(2,))
     with dptrain.Session(out=tmp_path / "done") as s, \
             pytest.raises(UsageError, match="already holds a run"):

@@ -116,6 +116,11 @@ class Session:
                          "device": device, "backend": backend, "out": str(out or "")},
                         source="dptrain.Session")
         cfg = TrainConfig(**values).validate()
+        if cfg.strategy == "pipeline":
+            raise UsageError("dptrain.Session(strategy='pipeline'): a pipeline cuts the model "
+                             "into stages that only dptrain's own step can drive (your loop's "
+                             "forward cannot run it); use dptrain train or dptrain.fit for "
+                             "pipeline, or another strategy in your own loop")
         env = dist.detect()
         self.plan: Plan = make_plan(cfg, env)
         self.env = self.plan.worker_env(env)
