@@ -54,7 +54,7 @@ examples:
 """
 
 FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("strategies", str, "comma-separated strategies: single, dp, ddp, zero, fsdp"),
+    ("strategies", str, "comma-separated strategies: single, dp, ddp, zero, fsdp, pipeline"),
     ("nproc", str, "comma-separated process counts (GPUs for dp); 'auto' = GPUs or cores"),
     ("model", str, "model name, or package.module:factory"),
     ("batch_size", int, "samples per process (per GPU for dp) per step"),

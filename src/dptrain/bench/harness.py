@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -142,11 +143,13 @@ def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from dptrain.plan import make_plan
 
     env = dist.detect()
+    pipeline = {"microbatches": pipeline_microbatches(spec["batch_size"])} if (
+        spec["strategy"] == "pipeline") else {}
     cfg = TrainConfig(strategy=spec["strategy"], model=spec["model"], dataset=spec["dataset"],
                       data_root=spec["data_root"], batch_size=spec["batch_size"],
                       device=spec["device"], bucket_cap_mb=spec["bucket_cap_mb"],
                       seed=spec["seed"], quiet=True, threads=spec["threads"],
-                      optimizer="sgd", lr=spec["lr"], momentum=0.9).validate()
+                      optimizer="sgd", lr=spec["lr"], momentum=0.9, **pipeline).validate()
     plan = make_plan(cfg, env)
     threads = plan.threads
     torch.set_num_threads(threads)
@@ -159,6 +162,11 @@ def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
     result.update(rank=env.rank, world_size=env.world_size, threads=threads,
                   backend=strategy.backend, device=str(strategy.device))
     return result
+
+
+def pipeline_microbatches(batch: int) -> int:
+    """The bench's pipeline micro-batches: 4 where they divide the batch, else fewer."""
+    return next(m for m in (4, 2, 1) if batch % m == 0)
 
 
 def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                      if p.requires_grad)
     loader = ShardedLoader(splits.train_x, splits.train_y, batch_size=feed,
-                           rank=strategy.rank, world=strategy.world_size, accum=1,
+                           rank=strategy.data_rank, world=strategy.data_world, accum=1,
                            seed=cfg.seed, normalize=normalize)
     if loader.steps_per_epoch == 0:
         from dptrain.errors import UsageError
@@ -202,7 +210,8 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     batches = _batches(loader)
 
     def step(micro: list[Batch]) -> torch.Tensor:
-        return train_step(micro, 0)[0]
+        losses = train_step(micro, 0)  # a pipeline's middle stages have none
+        return losses[0] if losses else torch.tensor(float("nan"))
 
     steps, warmup = spec["steps"], spec["warmup"]
     wrapped.train()
@@ -271,7 +280,8 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         "allreduce_calls": calls, "allreduce_bytes": nbytes, "grad_bytes": grad_bytes,
         "collective_bytes": collectives.bytes, "collective_calls": collectives.calls,
         "state_memory": strategy.memory(wrapped, optimizer),
-        "loss_curve": loss_curve, "memory": memory,
+        "loss_curve": loss_curve, "memory": memory, "data_world": strategy.data_world,
+        "describe": strategy.describe(),  # a collective for some strategies: every rank
     }
 
 
@@ -286,8 +296,9 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
     world = len(rs)
     train_s = max(r["train_s"] for r in rs)
     steps = rs[0]["steps"]
-    global_batch = rs[0]["feed_batch"] * world
-    curves = [r["loss_curve"] for r in rs]
+    global_batch = rs[0]["feed_batch"] * rs[0].get("data_world", world)
+    # the ranks that compute a loss (a pipeline's last stages; every rank otherwise)
+    curves = [r["loss_curve"] for r in rs if not all(math.isnan(v) for v in r["loss_curve"])]
     loss_curve = [statistics.fmean(v) for v in zip(*curves, strict=True)]
     mean = lambda key: statistics.fmean(r[key] for r in rs)  # noqa: E731
     # the no-sync steps of all ranks start together (each follows a sync step), and the next
@@ -314,6 +325,7 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "memory": [dict(m, rank=r["rank"]) for r in rs for m in r["memory"]],
         "threads": rs[0]["threads"],
         "backend": rs[0]["backend"],
+        "describe": rs[0].get("describe", {}),
         "devices": [r["device"] for r in rs],
         "ranks": rs,
     }
@@ -321,7 +333,6 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def baseline_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """The tutorial-style loop (per-sample ``DataLoader``, ``Linear(784, 10)``) in this process."""
-    import math
 
     from dptrain.bench.baseline import run_tutorial_linear
     from dptrain.data.datasets import load_splits

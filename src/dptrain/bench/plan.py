@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("single", "dp", "ddp", "zero", "fsdp")
+STRATEGIES = ("single", "dp", "ddp", "zero", "fsdp", "pipeline")
 
 
 @dataclass
@@ -72,7 +72,9 @@ def skip_reason(strategy: str, n: int, *, on_gpu: bool, gpus: int) -> str | None
         return f"dp over {n} GPUs needs {n} GPUs; {gpus} visible"
     if strategy in ("zero", "fsdp") and n == 1:
         return f"{strategy} over one process shards nothing (it is single's memory and speed)"
-    if strategy in ("ddp", "zero", "fsdp") and on_gpu and n > gpus:
+    if strategy == "pipeline" and n == 1:
+        return "pipeline needs at least 2 stages, one process each"
+    if strategy in ("ddp", "zero", "fsdp", "pipeline") and on_gpu and n > gpus:
         return (f"{strategy} needs one GPU per process: {n} processes, {gpus} GPU(s) "
                 "visible")
     return None

@@ -238,6 +238,33 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.3f}"
 
 
+def pipeline_rows(configs: list[Config]) -> list[str]:
+    """Pipeline configurations: the bubble, measured per stage against (S-1)/(M+S-1), and
+    the model state each stage holds (nothing when no pipeline ran)."""
+    runs = [c for c in configs if c.strategy == "pipeline" and c.status == "ok" and c.summary]
+    if not runs:
+        return []
+    rows = ["## Pipeline: bubble and memory per stage", "",
+            "The bubble is the share of a step a stage spends idle: 1 - (its forward and "
+            "backward compute) / (the step), measured per stage (median over steps), against "
+            "GPipe's theory (S-1)/(M+S-1) for S stages and M micro-batches.", "",
+            "| configuration | schedule | stages x micro-batches | bubble theory | bubble "
+            "measured per stage | model state per stage (MiB) |",
+            "| --- | --- | --- | ---: | --- | --- |"]
+    for c in runs:
+        d = c.summary.get("describe") or {}
+        per_stage = d.get("bubble_measured_per_stage") or []
+        measured = " / ".join("–" if b is None else f"{b:.2f}" for b in per_stage) or "–"
+        mem = c.summary.get("state_memory") or []
+        state = " / ".join(_mib(m["param_bytes"] + m["grad_bytes"] + m["optim_bytes"])
+                           for m in mem[:d.get("stages", len(mem))]) or "–"
+        theory = d.get("bubble_theoretical")
+        rows.append(f"| {c.name} | {d.get('pipeline_schedule', '–')} | {d.get('stages')} x "
+                    f"{d.get('microbatches')} | "
+                    f"{'–' if theory is None else f'{theory:.2f}'} | {measured} | {state} |")
+    return [*rows, ""]
+
+
 def memory_rows(configs: list[Config], model: str, device_gib: tuple[float, ...] = (16, 24, 80)
                 ) -> list[str]:
     """Per-rank model-state memory: measured (the tensors each rank holds) against the
@@ -256,7 +283,7 @@ def memory_rows(configs: list[Config], model: str, device_gib: tuple[float, ...]
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in configs:
         mem = c.summary.get("state_memory") if c.status == "ok" and c.summary else None
-        if (not mem or c.strategy == "dp" or c.role == "baseline"
+        if (not mem or c.strategy in ("dp", "pipeline") or c.role == "baseline"
                 or not all("param_bytes" in m for m in mem)):
             continue
         strategy = "ddp" if c.strategy == "single" else c.strategy
@@ -330,7 +357,7 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         *roofline_rows(results.get("roofline")), "",
         "## DP vs DDP, measured", "", *dp_vs_ddp(configs), "",
         "## Memory per rank: measured and predicted", "", *memory_rows(configs, o["model"]),
-        "",
+        "", *pipeline_rows(configs),
         "## What the device-resident pipeline buys", "", *baseline_rows(configs), "",
         f"## All-reduce sweep ({', '.join(sorted({_path(s) for s in comm['sweeps']}))})",
         "",
