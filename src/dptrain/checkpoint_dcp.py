@@ -129,7 +129,9 @@ def _write_shards(tensors: dict[str, Any], tmp: Path, is_main: bool) -> None:
     writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
                                   thread_count=1)
     try:
-        dcp.save(tensors, storage_writer=writer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # without a process group: "in a single process"
+            dcp.save(tensors, storage_writer=writer)
     except CheckpointException as exc:
         failures = list(getattr(exc, "failures", {}).values())
         cause = next((f for f in failures if isinstance(f, OSError)), None)

@@ -82,7 +82,9 @@ class ZeroDataParallel(DistributedDataParallel):
         local = optimizer.optim.state  # this rank's partition only
         tensors, scalars = checkpoint_dcp.split_state(
             {id(p): items for p, items in local.items()}, names)
-        return {"tensors": {"model": plain.state_dict(), "optim": tensors},
+        # each rank's own partition first: DCP's planner then hands the replicated model's
+        # tensors to the ranks that hold the fewest bytes so far, evening out the shards
+        return {"tensors": {"optim": tensors, "model": plain.state_dict()},
                 "optim_scalars": self.merged(scalars),
                 "param_groups": checkpoint_dcp.named_groups(optimizer.param_groups, names),
                 "scaler": precision.state_dict(), "rng": self.rng_state(),
