@@ -128,3 +128,37 @@ def test_plan_refuses_hogwild_on_cuda_and_across_nodes(values, message):
     cpu = TrainConfig(strategy="hogwild", nproc="2", device="cpu").validate()
     plan = make_plan(cpu, DistEnv(), Hardware(cuda=True, gpus=2, cores=4))
     assert (plan.strategy, plan.device, plan.backend) == ("hogwild", "cpu", "gloo")
+
+
+def _alone() -> Hogwild:
+    """A one-rank strategy whose collectives are the identity (no process group)."""
+    s = Hogwild(DistEnv(source="local"), torch.device("cpu"), backend="gloo", timeout_s=10)
+    s.broadcast_object = lambda obj: obj
+    s.all_gather_object = lambda obj: [obj]
+    s.barrier = lambda: None
+    return s
+
+
+def test_wrap_moves_the_parameters_into_an_unlinked_segment(tmp_path, monkeypatch):
+    path = str(tmp_path / "dptrain-hogwild-1-2-ab")
+    monkeypatch.setattr(hogwild, "segment_path", lambda: path)
+    monkeypatch.setattr(hogwild, "sweep_stale", lambda: [])
+    s, model = _alone(), _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert s.wrap(model) is model and s.unwrap(model) is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    base = s.segment.bytes.data_ptr()
+    assert all(base <= p.data_ptr() < base + s.segment.nbytes for p in model.parameters())
+    assert not os.path.exists(path)  # unlinked once mapped
+    full = sum(p.numel() * 4 for p in model.parameters())
+    assert s.describe()["shared_memory_bytes"] == s.segment.nbytes >= full
+    mem = s.memory(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert mem["shared_param_bytes"] == mem["param_bytes"] == full
+
+
+def test_a_segment_that_cannot_be_created_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(hogwild, "segment_path", lambda: str(tmp_path / "absent" / "seg"))
+    monkeypatch.setattr(hogwild, "sweep_stale", lambda: [])
+    with pytest.raises(UsageError, match=r"cannot share its parameters: rank 0 cannot create "
+                                         r".*No such file or directory.*or use --strategy ddp"):
+        _alone().wrap(_net())

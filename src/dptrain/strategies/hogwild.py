@@ -13,15 +13,16 @@ makes its own optimizer step, so a run makes N times the updates per sample that
 How the parameters are shared. dptrain's workers are started by its launcher (the torch elastic
 agent), not by ``mp.Process(model)``, so ``model.share_memory()`` cannot hand tensors over.
 Instead rank 0 creates one file in ``/dev/shm`` sized for every parameter (64-byte aligned
-slots; ``posix_fallocate``, so a full ``/dev/shm`` is an error now, not a SIGBUS later), copies
-its parameters in, and broadcasts the file's name; the other ranks map it; once every rank has
-mapped it (a gather, which also carries any rank's failure), rank 0 unlinks it, so nothing is
-left behind even if a process is killed later. Should rank 0 die in that short window, the
-file's name carries its pid and pid namespace, and the next hogwild run's rank 0 removes it
-(:func:`sweep_stale`, as ``shm.py`` does for its segments). Every rank then points its
-parameters into the mapping (``p.data = view``, strides kept, e.g. channels-last). All ranks
-start from the same seeded parameters; the shared copy is rank 0's. Gradients, optimizer state
-and buffers (BatchNorm running statistics) stay private to each process.
+slots; ``posix_fallocate``, so a full ``/dev/shm`` is an error now, not a SIGBUS later) and
+broadcasts its name; the other ranks map it; once every rank has mapped it (a gather, which
+also carries any rank's failure -- every rank then raises the same ``error:``), rank 0 unlinks
+it, so nothing is left behind even if a process is killed later. Should rank 0 die in that
+short window, the file's name carries its pid and pid namespace, and the next hogwild run's
+rank 0 removes it (:func:`sweep_stale`, as ``shm.py`` does for its segments). Rank 0 copies
+its parameters in, every rank points its parameters into the mapping (``p.data = view``,
+strides kept, e.g. channels-last), and a barrier ends the set-up. All ranks start from the same
+seeded parameters; the shared copy is rank 0's. Gradients, optimizer state and buffers
+(BatchNorm running statistics) stay private to each process.
 
 Where the processes meet. A process group (gloo, as ddp) stays for what must be exact: the
 loop's sync points (one all-reduce per ``--log-every`` window: loss, stop votes), evaluation,
@@ -217,8 +218,9 @@ class Hogwild(DistributedDataParallel):
                     os.unlink(path)  # every rank has it mapped (or gave up): nothing left
         if failures or segment is None:
             why = failures[0] if failures else "rank 0 could not create the shared segment"
-            raise UsageError(f"--strategy hogwild cannot share its parameters: {why}; free "
-                             f"space in {SHM_DIR} (or raise its size), or use --strategy ddp")
+            raise UsageError(f"--strategy hogwild cannot share its parameters: {why}; it "
+                             f"needs {SHM_DIR} writable with {nbytes} bytes free (free space "
+                             "or raise its size), or use --strategy ddp")
         return segment
 
     def unwrap(self, model: nn.Module) -> nn.Module:
