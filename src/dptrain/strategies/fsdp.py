@@ -18,8 +18,10 @@ DDP's (gradients averaged over ranks), so N processes x batch B equal one proces
 * Evaluation and ``last.pt`` use a plain copy of the model, refreshed from the shards by an
   all-gather (every rank calls it), so evaluation runs each rank's shard of the test set with
   no collective inside the forward, and ``last.pt`` holds the unwrapped, consolidated model.
-  The copy is refreshed only when a shard or buffer changed since the last gather (their
-  version counters), so a checkpoint, and an evaluation at the same step, share one gather.
+  The copy is refreshed only when the model may have changed since the last gather (an
+  optimizer step, a training forward -- BatchNorm statistics -- or a load: counted by hooks;
+  the version counters of DTensor shards do not move under the optimizer's foreach
+  kernels), so a checkpoint, and an evaluation at the same step, share one gather.
 * Numbered checkpoints are sharded (``checkpoint_dcp``): :meth:`sharded_state_dict` hands
   DCP each rank's DTensor shards of the parameters and of the optimizer state, keyed by
   parameter name -- nothing is gathered -- and :meth:`load_sharded` has DCP read just this
@@ -77,7 +79,17 @@ class FullyShardedDataParallel(DistributedDataParallel):
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        model.register_forward_pre_hook(self._forward_seen)
         return model
+
+    changes = 0  # optimizer steps, training forwards and loads so far: when plain() is stale
+
+    def _forward_seen(self, module: nn.Module, _args: Any) -> None:
+        if module.training:
+            self.changes += 1
+
+    def _step_seen(self, *_args: Any) -> None:
+        self.changes += 1
 
     def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         """The multi-tensor (foreach) kernels: the fused ones have no DTensor sharding rule."""
@@ -85,8 +97,10 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
         self.grad_clip = cfg.grad_clip
         kind, kwargs = optimizer_class(cfg)
-        return kind(param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias),
-                    foreach=True, **kwargs)
+        opt = kind(param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias),
+                   foreach=True, **kwargs)
+        opt.register_step_post_hook(self._step_seen)  # also a user's own optimizer.step()
+        return opt
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
@@ -100,17 +114,16 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
     def plain(self, model: nn.Module) -> nn.Module:
         """The plain copy, holding the full parameters (an all-gather: every rank calls it;
-        skipped on every rank alike when no shard or buffer changed since the last one)."""
+        skipped on every rank alike when nothing changed the model since the last one)."""
         model = getattr(model, "_orig_mod", model)
         if not isinstance(model, FSDPModule):
             return model
-        seen = _versions(model)
-        if seen == getattr(self, "_gathered", None):
+        if self.changes == getattr(self, "_gathered", None):
             return self.template
         api = _state_dict_api()
         self.template.load_state_dict(api.get_model_state_dict(
             model, options=api.StateDictOptions(full_state_dict=True)))
-        self._gathered = seen
+        self._gathered = self.changes
         self.gathers += 1
         return self.template
 
@@ -147,6 +160,7 @@ class FullyShardedDataParallel(DistributedDataParallel):
         precision.load_state_dict(state.get("scaler") or {})
         if len(state["rng"]["cpu"]) == self.world_size:
             self.load_rng_state(state["rng"])
+        self.changes += 1
 
     def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                            precision: Precision) -> dict[str, Any]:
@@ -185,7 +199,7 @@ class FullyShardedDataParallel(DistributedDataParallel):
                              ) from None
         precision.load_state_dict(state.get("scaler") or {})
         self.load_rng_state(state["rng"])
-        self._gathered = None
+        self.changes += 1
 
     def params_finite(self, model: nn.Module) -> bool:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
@@ -195,13 +209,6 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
     def bn_statistics(self) -> str:
         return "per process (rank 0's are kept)"
-
-
-def _versions(model: nn.Module) -> tuple[int, ...]:
-    """Version counters of this rank's shards and buffers: any in-place change (an optimizer
-    step, a load, BatchNorm statistics) moves one."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    return tuple(t._version for t in [*local, *model.buffers()])
 
 
 def _like(param: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
