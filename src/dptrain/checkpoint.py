@@ -367,7 +367,8 @@ def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.n
 
 
 class Checkpointer:
-    """Saves on the main process only (call :meth:`save` on every rank), finds the newest."""
+    """Saves (call :meth:`save` on every rank: rank 0 writes a ``.pt``, every rank its
+    shard of a DCP directory), rotates, sweeps dead writers' temporaries, finds the newest."""
 
     def __init__(self, directory: Path, *, is_main: bool, keep: int = 3) -> None:
         self.dir = directory

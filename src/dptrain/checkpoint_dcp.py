@@ -157,7 +157,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     _fsync_dir(tmp)
     aside = None
     if final.exists():
-        aside = final.with_name(f".{final.name}.old{os.getpid()}")
+        aside = final.with_name(f".{final.name}.old.tmp{os.getpid()}")  # swept if left
         os.rename(final, aside)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
