@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from dptrain import cli
 from dptrain.verify import compare, run_pair
 from tests.conftest import clean_env, run_cli
 from tests.integration.test_features import params
@@ -52,12 +53,12 @@ def test_gpipe_two_stages_equal_one_process(tmp_path):
     assert sn["model_flops_per_sample"] == s1["model_flops_per_sample"] > 0
 
 
-def test_verify_pipeline_1f1b_exits_0_and_equals_one_process(tmp_path):
-    r = run_cli("verify", "--strategy", "pipeline", "--pipeline-schedule", "1f1b",
-                "--model", "myplugins:mlp", "--threads", "1", "--keep", str(tmp_path),
-                timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "PASS" in r.stdout and "pipeline x 2 processes" in r.stdout
+def test_verify_pipeline_1f1b_exits_0_and_equals_one_process(tmp_path, capsys):
+    code = cli.main(["verify", "--strategy", "pipeline", "--pipeline-schedule", "1f1b",
+                     "--model", "myplugins:mlp", "--threads", "1", "--keep", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-2000:]
+    assert "PASS" in stdout and "pipeline x 2 processes" in stdout
     diff, _ = compare(params(tmp_path / "one"), params(tmp_path / "pipeline2"))
     assert diff < 1e-5
     s = json.loads((tmp_path / "pipeline2" / "summary.json").read_text())
@@ -113,19 +114,17 @@ def test_resume_from_pipeline_to_single_and_back_matches_the_uninterrupted_run(t
     """Global batch 16: one process 0-16 uninterrupted == pipeline 0-8, then a single
     process resuming its checkpoint 8-12, then the pipeline again 12-16 (each leg resumes
     the other's consolidated model and globally indexed optimizer state)."""
-    ref = run_cli("train", *COMMON, "--batch-size", "16", "--max-steps", "16", "--out",
-                  str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert cli.main(["train", *COMMON, "--batch-size", "16", "--max-steps", "16", "--out",
+                     str(tmp_path / "ref")]) == 0
     out = tmp_path / "moved"
     legs = [("pipeline", ["--nproc", "2", "--pipeline-schedule", "1f1b"], 8),
             ("single", ["--resume", "auto"], 12),
             ("pipeline", ["--nproc", "2", "--pipeline-schedule", "gpipe", "--resume", "auto"],
              16)]
     for strategy, extra, steps in legs:
-        r = run_cli("train", *COMMON, "--strategy", strategy, *extra, "--batch-size", "16",
-                    "--max-steps", str(steps), "--ckpt-every", "4", "--out", str(out),
-                    timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert cli.main(["train", *COMMON, "--strategy", strategy, *extra, "--batch-size",
+                         "16", "--max-steps", str(steps), "--ckpt-every", "4", "--out",
+                         str(out)]) == 0
         s = json.loads((out / "summary.json").read_text())
         assert (s["strategy"], s["steps"], s["global_batch"]) == (strategy, steps, 16)
     diff, where = compare(params(tmp_path / "ref"), params(out))

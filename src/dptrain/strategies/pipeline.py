@@ -43,6 +43,7 @@ feeds the inputs in, the last stage computes the loss against the targets.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -186,8 +187,6 @@ class StageModule(nn.Module):
         self.autocast = autocast
 
     def forward(self, x: torch.Tensor) -> Any:
-        import contextlib
-
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             for piece in self.pieces:
                 x = piece(x)
