@@ -14,7 +14,7 @@ import torch
 import dptrain
 from dptrain.cli import run_training
 from dptrain.config import TrainConfig
-from dptrain.verify import compare, run_pair
+from dptrain.verify import compare
 from tests.conftest import run_cli
 from tests.integration.test_features import bitwise_equal, params
 
@@ -49,14 +49,18 @@ def test_sync_every_1_equals_ddp(tmp_path, warmup, accum, weight_decay):
 
 
 def test_sync_every_1_equals_one_process_and_verify_says_so(tmp_path):
-    s1, sn = run_pair({**BASE, "batch_size": 8, "sync_every": 1,
-                       "localsgd_warmup_steps": 4}, 3, 20, tmp_path, "localsgd")
-    assert sn["strategy"] == "localsgd" and sn["world_size"] == 3
+    """``dptrain verify`` (``run_pair``: 1 process x batch 24 vs localsgd 3 x 8) exits 0, and
+    the runs it kept agree within 1e-5."""
+    r = run_cli("verify", "--strategy", "localsgd", "--sync-every", "1",
+                "--localsgd-warmup-steps", "4", "--nproc", "3", "--batch-size", "8",
+                "--model", "myplugins:mlp", "--steps", "20", "--threads", "1",
+                "--keep", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     diff, where = compare(params(tmp_path / "one"), params(tmp_path / "localsgd3"))
     assert diff < 1e-5, where
-    r = run_cli("verify", "--strategy", "localsgd", "--sync-every", "1", "--model",
-                "myplugins:mlp", "--steps", "10", "--threads", "1", timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    many = json.loads((tmp_path / "localsgd3" / "summary.json").read_text())
+    assert (many["strategy"], many["world_size"], many["parameter_averages"]) == (
+        "localsgd", 3, 16)
 
 
 @pytest.mark.slow
@@ -124,7 +128,9 @@ def test_fit_runs_local_sgd_and_returns_the_averaged_model(tmp_path):
     (["--cpu-allreduce", "shm"], "DDP takes one (local SGD's)")])
 def test_flags_local_sgd_cannot_take_exit_2_with_one_error_line(tmp_path, flag, says):
     out = tmp_path / "bad"
-    r = run_cli("train", "--dataset", "synthetic", "--strategy", "localsgd", "--nproc", "2",
+    # one process: the strategy's own refusals come before any worker is launched
+    nproc = "2" if flag == ["--sync-bn"] else "1"
+    r = run_cli("train", "--dataset", "synthetic", "--strategy", "localsgd", "--nproc", nproc,
                 "--threads", "1", "--max-steps", "2", "--quiet", *flag, "--out", str(out),
                 timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
