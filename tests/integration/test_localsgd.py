@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,11 @@ import torch
 import dptrain
 from dptrain.cli import run_training
 from dptrain.config import TrainConfig
+from dptrain.dist import free_port
 from dptrain.verify import compare
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 from tests.integration.test_features import bitwise_equal, params
+from tests.integration.test_multinode import namespaces  # noqa: F401 - the two hosts
 
 BASE = {"dataset": "synthetic", "data_root": "unused", "model": "myplugins:mlp", "lr": 0.05,
         "momentum": 0.9, "seed": 5, "threads": "1", "quiet": True, "eval_every_epoch": False}
@@ -137,3 +141,31 @@ def test_flags_local_sgd_cannot_take_exit_2_with_one_error_line(tmp_path, flag, 
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert says in lines[0] and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("namespaces")
+def test_two_nodes_average_like_one_node(tmp_path):
+    """Two "hosts" (network namespaces, one process each) run the same local SGD as two
+    processes on one host: the averages cross the veth link. Skipped where namespaces cannot
+    be made; ~100 s here under load (three interpreters, most of it start-up)."""
+    args = ["--dataset", "synthetic", "--model", "myplugins:mlp", "--max-steps", "12",
+            "--batch-size", "16", "--threads", "1", "--quiet", "--strategy", "localsgd",
+            "--sync-every", "4", "--localsgd-warmup-steps", "2"]
+    common = ["--nnodes", "2", "--nproc", "1", "--master-addr", "10.77.0.1", "--master-port",
+              str(free_port()), "--timeout-s", "60", *args, "--out", str(tmp_path / "two")]
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "dptrain",
+                               "train", "--node-rank", str(rank), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(GLOO_SOCKET_IFNAME="dpt0"))
+             for ns, rank in (("dpt_a", 0), ("dpt_b", 1))]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "localsgd x 2" in outs[0][0]
+    one = run_cli("train", "--nproc", "2", *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["parameter_averages"] == 3  # after steps 3, 7, 11
+    diff, where = compare(params(tmp_path / "two"), params(tmp_path / "one"))
+    assert diff < 1e-6, where
