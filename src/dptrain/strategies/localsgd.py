@@ -144,6 +144,8 @@ def _to_cpu(obj: Any) -> Any:
 
 
 class LocalSGD(DistributedDataParallel):
+    """``--strategy localsgd --sync-every H --localsgd-warmup-steps W`` (see the module)."""
+
     name = "localsgd"
 
     def __init__(self, env: dist.DistEnv, device: torch.device, *, backend: str,
@@ -259,7 +261,8 @@ class LocalSGD(DistributedDataParallel):
                         optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         """Each rank's own state at the same world size (exact), else the averaged one."""
         opt = self.post_local(optimizer)
-        ranks = (state.get("localsgd") or {}).get("ranks") or []
+        saved = state.get("localsgd") or {}
+        ranks = saved.get("ranks") or []
         exact = len(ranks) == self.world_size == state["world_size"]
         source = ranks[self.rank] if exact else state
         own_state = {**state, "model": source["model"], "optimizer": source["optimizer"]}
@@ -268,7 +271,9 @@ class LocalSGD(DistributedDataParallel):
         opt.averager.step = self.steps_done = step
         if self.hook_state is not None:
             self.hook_state.iter = min(step, self.warmup)  # the hook stops counting at W
-        self.in_sync = in_sync_after(step, self.period, self.warmup) if exact else True
+        # whether the saved ranks agreed follows the schedule they were written with
+        self.in_sync = not exact or in_sync_after(
+            step, saved.get("sync_every", self.period), saved.get("warmup_steps", self.warmup))
         self.copy_at = None
         self.resumed = "per-rank (exact)" if exact else "averaged"
 
