@@ -102,8 +102,10 @@ def test_two_stages_by_two_replicas_equal_one_process(tmp_path):
     assert [r["param_bytes"] for r in sn["memory_per_rank"]] == STAGE_PARAMS * 2
 
 
-def test_accumulation_pipelines_each_micro_batch_and_equals_one_process(tmp_path):
-    s1, sn = run_pair({**BASE, "batch_size": 8, "accum": 2, "microbatches": 2,
+def test_accumulation_and_grad_clip_equal_one_process(tmp_path):
+    """--accum 2: each loader micro-batch pipelined into 2 pieces; --grad-clip: the norm over
+    both stages' gradients (0.05 bites on this model: see test_sharded)."""
+    s1, sn = run_pair({**BASE, "batch_size": 8, "accum": 2, "microbatches": 2, "grad_clip": 0.05,
                        "pipeline_schedule": "gpipe"}, 2, 10, tmp_path, "pipeline")
     diff, where = compare(params(tmp_path / "one"), params(tmp_path / "pipeline2"))
     assert diff < 1e-5, where
@@ -138,15 +140,16 @@ def test_resume_from_pipeline_to_single_and_back_matches_the_uninterrupted_run(t
     assert momenta[0]["momentum_buffer"].shape == (32, 784)
 
 
-def test_fit_trains_a_pipeline_and_returns_the_whole_model(tmp_path):
+def test_fit_trains_a_pipeline_in_bf16_and_returns_the_whole_model(tmp_path):
     import dptrain
 
     r = dptrain.fit("myplugins:mlp", "synthetic", strategy="pipeline", nproc=2, threads="1",
-                    batch_size=16, max_steps=20, lr=0.05, momentum=0.9,
+                    batch_size=16, max_steps=30, lr=0.05, momentum=0.9, precision="bf16",
                     out=str(tmp_path / "fit"), quiet=True)
-    assert r["strategy"] == "pipeline" and r["stages"] == 2 and r["steps"] == 20
-    assert r["test_accuracy"] > 0.5
+    assert r["strategy"] == "pipeline" and r["stages"] == 2 and r["steps"] == 30
+    assert r["precision"] == "bf16" and r["test_accuracy"] > 0.8
     saved = params(tmp_path / "fit")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # fp32 weights, bf16 compute
     assert sorted(r.model.state_dict()) == sorted(saved)
     assert compare(r.model.state_dict(), saved)[0] == 0.0
 
