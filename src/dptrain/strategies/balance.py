@@ -160,7 +160,7 @@ class BalancedDataParallel(DistributedDataParallel):
         """Gather every rank's time per sample; set the shares and this rank's loss weight
         (a collective: every rank computes the same shares from the same list)."""
         samples = self.loader.local_batch * len(micro)
-        mine = statistics.median(self.local_times) / samples
+        mine = max(statistics.median(self.local_times), 1e-9) / samples
         self.per_sample_s = [float(t) for t in self.all_gather_object(mine)]
         total = self.loader.micro_global
         shares = proportional_shares([1.0 / t for t in self.per_sample_s], total)
@@ -172,7 +172,7 @@ class BalancedDataParallel(DistributedDataParallel):
             speeds = ", ".join(f"{1 / t:.0f}" for t in self.per_sample_s)
             log.info(f"balance: measured samples/s per rank [{speeds}] over steps 2-"
                      f"{1 + MEASURED_STEPS}; shares of each micro-batch of {total}: "
-                     f"{list(shares)} (from step {self.calls + 1})")
+                     f"{list(shares)}, from this run's step {self.calls + 1} on")
 
     def describe(self) -> dict[str, Any]:
         measured = self.per_sample_s is not None
