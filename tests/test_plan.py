@@ -129,3 +129,16 @@ def test_hogwild_is_refused_on_gpus_and_the_new_strategies_run_in_a_group():
     p = plan(Hardware(cores=4), strategy="pipeline", nproc="4", stages=2, batch_size=8)
     assert (p.world_size, p.backend, p.launch) == (4, "gloo", "workers")
     assert plan(strategy="localsgd", nproc="2").strategy == "localsgd"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"pipeline_schedule": "1f1b", "microbatches": 2, "stages": 3, "nproc": "3",
+      "batch_size": 6}, "1f1b needs at least as many micro-batches"),
+    ({"compile": True}, "--compile cannot apply to --strategy pipeline"),
+])
+def test_pipeline_settings_its_schedule_cannot_run_are_refused_before_any_worker(values,
+                                                                                message):
+    with pytest.raises(UsageError, match=message):
+        plan(Hardware(cores=4), **{"strategy": "pipeline", "nproc": "2", **values})
+    with pytest.raises(UsageError, match="--precision 16 cannot apply"):
+        plan(GPU4, strategy="pipeline", nproc="2", precision="16")

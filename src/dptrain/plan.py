@@ -171,6 +171,16 @@ def _check_strategy_flags(cfg: TrainConfig, strategy: str, nproc: int, nnodes: i
         if cfg.sync_bn:
             raise UsageError("--sync-bn cannot apply to --strategy pipeline (each stage holds "
                              "other layers); drop --sync-bn")
+        if cfg.pipeline_schedule == "1f1b" and micro < stages:
+            raise UsageError(f"--pipeline-schedule 1f1b needs at least as many micro-batches as "
+                             f"stages: --microbatches {micro} < --stages {stages}; raise "
+                             "--microbatches, or use gpipe")
+        if cfg.precision == "16" and on_gpu:
+            raise UsageError("--precision 16 cannot apply to --strategy pipeline (GradScaler "
+                             "would skip steps stage by stage); use --precision bf16 or 32")
+        if cfg.compile:
+            raise UsageError("--compile cannot apply to --strategy pipeline (the schedule "
+                             "calls each stage itself); drop --compile")
     if strategy == "hogwild":
         if nnodes > 1:
             raise UsageError(f"--strategy hogwild shares parameters in one machine's memory; it "

@@ -102,6 +102,7 @@ class Run:
     def execute(self, stop: StopRequest) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
         model = self.build_model()
+        strategy.check_model(model)
         splits = self.load_data(model)
         found = self.find_checkpoint()
         if found and cfg.keep_global_batch:

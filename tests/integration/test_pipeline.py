@@ -171,3 +171,4 @@ def test_bad_pipeline_flags_end_with_one_error_line(tmp_path, args, words):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert "Traceback" not in r.stderr
+    assert not (out / "config.toml").exists()  # refused before the run directory is written

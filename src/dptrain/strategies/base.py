@@ -79,6 +79,10 @@ class Strategy:
         """Leave the group. Called once, also after a failure."""
 
     # --- the model
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse (:class:`UsageError`) a model this strategy cannot train -- called before
+        anything in the run directory is written."""
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Model (already on ``device``) -> the module the loop trains."""
         return model

@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -302,6 +302,9 @@ class PipelineParallel(DistributedDataParallel):
         super().teardown()
 
     # --- the model
+    def check_model(self, model: nn.Module) -> None:
+        split_model(model, self.stages, self.options.split_points)  # cuttable, or refused
+
     def wrap(self, model: nn.Module) -> nn.Module:
         self.split = split_model(model, self.stages, self.options.split_points)
         self.template = model  # the whole model; this rank's stage is a view of its children
@@ -314,6 +317,12 @@ class PipelineParallel(DistributedDataParallel):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.plain(model)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Nothing to hold back: the stages exchange activations, not gradients, and the
+        replicas average once per optimizer step in :meth:`forward_backward`."""
+        yield
 
     def plain(self, model: nn.Module) -> nn.Module:
         """The whole model with every stage's current tensors (replica 0's), refreshed once
