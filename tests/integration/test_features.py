@@ -134,15 +134,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def kill_a_worker_then_restart(args: list[str], tmp_path: Path) -> dict:
+def kill_a_worker_then_restart(args: list[str], tmp_path: Path,
+                               checkpoint: str = "step-00000020.pt") -> dict:
     """Run ``args`` uninterrupted (``ref``) and again (``killed``) with ``--max-restarts``,
-    kill -9 one of its 2 workers after the step-20 checkpoint; the second run's summary."""
+    kill -9 one of its 2 workers after the step-20 ``checkpoint`` (a DCP directory for the
+    sharded strategies); the second run's summary."""
     ref = run_cli(*args, "--out", str(tmp_path / "ref"), timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain", *args, "--max-restarts", "2",
                              "--out", str(tmp_path / "killed")], env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step-00000020.pt", proc)
+    _wait_for(tmp_path / "killed" / "checkpoints" / checkpoint, proc)
     workers = _workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)  # a real worker process, mid-epoch

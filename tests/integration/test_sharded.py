@@ -95,7 +95,8 @@ def test_kill_9_a_worker_during_fsdp_then_restart_finishes_bitwise(tmp_path):
     summary = kill_a_worker_then_restart(
         ["train", "--dataset", "synthetic", "--threads", "1", "--strategy", "fsdp", "--nproc",
          "2", "--model", "myplugins:mlp", "--batch-size", "16", "--momentum", "0.9",
-         "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"], tmp_path)
+         "--max-steps", "60", "--ckpt-every", "10", "--log-every", "5", "--quiet"], tmp_path,
+        checkpoint="step-00000020.dcp")
     assert summary["restarts"] == 1 and summary["steps"] == 60
     assert bitwise_equal(params(tmp_path / "ref"), params(tmp_path / "killed"))
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
