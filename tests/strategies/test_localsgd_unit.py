@@ -11,7 +11,7 @@ from torch.distributed.algorithms.model_averaging import averagers
 
 from dptrain.errors import UsageError
 from dptrain.strategies.ddp import DDPOptions
-from dptrain.strategies.localsgd import Traffic, _refuse, _to_cpu, averages_after, in_sync_after
+from dptrain.strategies.localsgd import _refuse, _to_cpu, averages_after, in_sync_after
 
 
 @pytest.mark.parametrize(("period", "warmup"), [(1, 0), (8, 0), (4, 2), (3, 7)])
@@ -46,13 +46,6 @@ def test_flags_that_cannot_work_are_refused_with_the_fix(change, says):
         _refuse(DDPOptions(**change))
     assert says in str(err.value)
     _refuse(DDPOptions(precision="bf16", cpu_allreduce="auto"))  # these are fine
-
-
-def test_traffic_totals_are_gradient_all_reduces_plus_averages_not_the_copys():
-    t = Traffic()
-    t.grad_calls, t.grad_bytes, t.averages, t.average_bytes = 2, 200, 3, 300
-    t.copy_averages, t.copy_average_bytes = 5, 500
-    assert (t.calls, t.bytes) == (5, 500)
 
 
 def test_gathered_state_is_moved_to_the_cpu_and_detached():

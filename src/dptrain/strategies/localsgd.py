@@ -19,10 +19,14 @@ with the mean gradient -- for SGD with momentum, Nesterov and weight decay, up t
 (tested within 1e-6). Not for Adam, whose update is not linear in the gradient.
 
 Sharing DDP with ddp.py: DDP takes one comm hook, so the shared-memory all-reduce
-(``connect_shm``) and ddp.py's counting hook are not used (warm-up gradients go over gloo); a
-counting wrapper around ``post_localSGD_hook`` counts the warm-up buckets, and
-:meth:`optimizer_step` counts each average's bytes. ``self.comm`` (summary.json's
-``allreduce_calls/bytes``, the bench) holds both together; :meth:`describe` splits them.
+(``connect_shm``) and ddp.py's counting hook are not used (warm-up gradients go over gloo). The
+traffic is always counted, here: a wrapper around ``post_localSGD_hook`` counts the warm-up
+buckets and :meth:`optimizer_step` each average's bytes; :meth:`describe` puts them in
+summary.json as ``warmup_allreduce_calls/bytes`` and ``parameter_averages``/
+``parameter_average_bytes`` (bytes each rank puts into the all-reduce, as ddp.py's counter
+counts a bucket). ``self.comm`` stays ``None``: summary.json's ``allreduce_calls/bytes`` are
+DDP's bucket counter, and ``bench --compare`` adds the three byte counts, so filling it too
+would count the traffic twice.
 
 The step: the base class's fast path calls the optimizer kernel directly and would skip the
 averager, so :meth:`optimizer_step` runs ``PostLocalSGDOptimizer.step`` (the inner step, then
@@ -99,21 +103,12 @@ def in_sync_after(steps_done: int, period: int, warmup: int) -> bool:
 
 class Traffic:
     """What local SGD sent, per rank: warm-up gradient all-reduces (DDP buckets), parameter
-    averages in training, and averages made for the evaluated/saved copy. ``calls`` and
-    ``bytes`` (ddp.py's CommCounter fields) are the training traffic."""
+    averages in training, and averages made for the evaluated/saved copy (not training's)."""
 
     def __init__(self) -> None:
         self.grad_calls = self.grad_bytes = 0
         self.averages = self.average_bytes = 0
         self.copy_averages = self.copy_average_bytes = 0
-
-    @property
-    def calls(self) -> int:
-        return self.grad_calls + self.averages
-
-    @property
-    def bytes(self) -> int:
-        return self.grad_bytes + self.average_bytes
 
 
 def _counting_post_local(traffic: Traffic):  # noqa: ANN202 - torch's hook signature
@@ -154,8 +149,7 @@ class LocalSGD(DistributedDataParallel):
         o = self.options
         _refuse(o)
         self.period, self.warmup = o.sync_every, o.localsgd_warmup_steps
-        self.traffic = Traffic()
-        self.comm = self.traffic if o.count_comm else None
+        self.traffic = Traffic()  # always counted; self.comm stays None (see the module)
         # ddp.py's wrap then builds DDP with no hook of its own (no shm, no counter)
         self.options = dataclasses.replace(o, cpu_allreduce="gloo", count_comm=False)
         self.hook_state: PostLocalSGDState | None = None
