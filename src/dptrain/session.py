@@ -212,13 +212,13 @@ class Session:
                     "Session.setup: the optimizer holds parameters that the wrapped model does "
                     f"not (strategy {self.strategy.name} replaces them); pass a factory instead: "
                     "s.setup(model, lambda params: torch.optim.SGD(params, lr=...))")
-            return optimizer
+            return self.strategy.adopt_optimizer(optimizer)
         if callable(optimizer):
             built = optimizer(wrapped.parameters())
             if not isinstance(built, torch.optim.Optimizer):
                 raise UsageError(f"Session.setup: the optimizer factory returned "
                                  f"{type(built).__name__}, not a torch.optim.Optimizer")
-            return built
+            return self.strategy.adopt_optimizer(built)
         raise UsageError(f"Session.setup: optimizer must be a name, a factory or a "
                          f"torch.optim.Optimizer, got {type(optimizer).__name__}")
 

@@ -72,3 +72,51 @@ def test_a_session_error_in_a_worker_is_one_error_line(tmp_path):
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("process-group tests run on Linux")
+
+
+ZERO_SCRIPT = """
+import sys, torch, dptrain
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from dptrain.data.datasets import synthetic
+from dptrain.models import build_model
+
+strategy = sys.argv[1]
+with dptrain.Session(strategy=strategy, seed=3) as s:
+    torch.manual_seed(3)
+    model = build_model("linear")
+    given = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    wrapped, opt = s.setup(model, given)
+    data = synthetic()
+    loader = s.loader(data.train_x, data.train_y, batch_size=32, normalize=(data.mean, data.std))
+    for step, micro in enumerate(loader.epoch(0)):
+        for x, y in s.accumulate(wrapped, micro):
+            s.backward(torch.nn.functional.cross_entropy(wrapped(x), y))
+        s.step(opt)
+        if step == 9:
+            break
+    inner = getattr(opt, "optim", opt)
+    held = sum(v.numel() for st in inner.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim())
+    flat = torch.cat([p.detach().flatten() for p in s.unwrap(wrapped).parameters()])
+    both = s.all_reduce(torch.tensor([float(held)]), op="sum")  # one line, from rank 0
+    if s.is_main:
+        print("RESULT", type(opt).__name__, held, int(both.item()),
+              repr(flat.double().sum().item()))
+"""
+
+
+def test_a_user_built_optimizer_under_zero_is_sharded_and_trains_like_ddp(tmp_path):
+    script = tmp_path / "zero_loop.py"
+    script.write_text(ZERO_SCRIPT)
+    out = {}
+    for strategy in ("zero", "ddp"):
+        r = run_cli("run", "--nproc", "2", str(script), strategy,
+                    env=clean_env(OMP_NUM_THREADS="1"), timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[strategy] = r.stdout
+    _, kind, held, both, total = next(ln for ln in out["zero"].splitlines()
+                                      if ln.startswith("RESULT")).split()
+    assert kind == "ZeroRedundancyOptimizer"
+    assert int(both) == 7850 and 0 < int(held) < 7850  # the momenta partitioned over ranks
+    ddp_total = next(ln for ln in out["ddp"].splitlines() if ln.startswith("RESULT")).split()[4]
+    assert abs(float(total) - float(ddp_total)) < 1e-4

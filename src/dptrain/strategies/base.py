@@ -129,6 +129,12 @@ class Strategy:
 
     grad_clip = 0.0  # --grad-clip, set by build_optimizer
 
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """An optimizer the user built over the wrapped model's parameters (own loop) -> the
+        one this strategy steps: itself here; a strategy that shards or wraps the optimizer
+        (zero, localsgd) rebuilds it as its own kind with the same class and settings."""
+        return optimizer
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         """Apply the synchronised gradients (clipped to ``--grad-clip``), then drop them."""
         fast, params = self._fast_step(optimizer)

@@ -53,6 +53,32 @@ class ZeroDataParallel(DistributedDataParallel):
             opt.add_param_group(group)
         return opt
 
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The user's optimizer as a ZeroRedundancyOptimizer of its class, with each param
+        group's settings (so its state is sharded, as --strategy zero promises)."""
+        import inspect
+
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        from dptrain.errors import UsageError
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer
+        if optimizer.state:
+            raise UsageError("strategy zero shards the optimizer state, and this optimizer "
+                             "already has some (it has stepped); pass a fresh optimizer, or "
+                             "a factory fn(params)")
+        kind = type(optimizer)
+        accepted = set(inspect.signature(kind).parameters) - {"params"}
+        groups = [{k: v for k, v in g.items() if k == "params" or k in accepted}
+                  for g in optimizer.param_groups]
+        first = groups[0]
+        zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=kind,
+                                       **{k: v for k, v in first.items() if k != "params"})
+        for group in groups[1:]:
+            zero.add_param_group(group)
+        return zero
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.grad_clip > 0:
