@@ -129,6 +129,49 @@ def test_fit_runs_local_sgd_and_returns_the_averaged_model(tmp_path):
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] == r["test_accuracy"]
 
 
+SESSION_SCRIPT = """
+import sys, torch, dptrain
+from dptrain.data.datasets import synthetic
+from dptrain.models import build_model
+
+strategy, path, extra = sys.argv[1], sys.argv[2], {"sync_every": int(sys.argv[3])}
+with dptrain.Session(strategy=strategy, seed=3, **extra) as s:
+    torch.manual_seed(3)
+    model = build_model("linear")
+    wrapped, opt = s.setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    data = synthetic()
+    loader = s.loader(data.train_x, data.train_y, batch_size=32, normalize=(data.mean, data.std))
+    for step, micro in enumerate(loader.epoch(0)):
+        for x, y in s.accumulate(wrapped, micro):
+            s.backward(torch.nn.functional.cross_entropy(wrapped(x), y))
+        s.step(opt)
+        if step == 9:
+            break
+    flat = torch.cat([p.detach().flatten() for p in s.unwrap(wrapped).parameters()])
+    if s.is_main:
+        torch.save(flat, path)
+        print("RESULT", type(opt).__name__)
+"""
+
+
+def test_a_session_with_its_own_optimizer_runs_local_sgd(tmp_path):
+    """The user's SGD is adopted (wrapped in PostLocalSGDOptimizer); H = 1 trains like ddp,
+    H = 8 does not (the flag reaches the strategy)."""
+    script = tmp_path / "loop.py"
+    script.write_text(SESSION_SCRIPT)
+    flat = {}
+    for strategy, h in (("localsgd", "1"), ("localsgd", "8"), ("ddp", "8")):
+        path = tmp_path / f"{strategy}{h}.pt"
+        r = run_cli("run", "--nproc", "2", str(script), strategy, str(path), h,
+                    env=clean_env(OMP_NUM_THREADS="1"), timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        kind = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")).split()[1]
+        assert kind == ("PostLocalSGDOptimizer" if strategy == "localsgd" else "SGD")
+        flat[strategy + h] = torch.load(path, weights_only=True)
+    assert (flat["localsgd1"] - flat["ddp8"]).abs().max() < 1e-6
+    assert (flat["localsgd8"] - flat["ddp8"]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize(("flag", "says"), [
     (["--sync-bn"], "--sync-bn would synchronise every step"),
     (["--comm-hook", "fp16"], "DDP takes one comm hook"),

@@ -195,9 +195,12 @@ class LocalSGD(DistributedDataParallel):
     def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         return self.post_local(super().build_optimizer(cfg, model))
 
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """A Session user's own optimizer, wrapped: the averager runs after its steps."""
+        return self.post_local(optimizer)
+
     def post_local(self, optimizer: torch.optim.Optimizer) -> PostLocalSGDOptimizer:
-        """``optimizer`` as a PostLocalSGDOptimizer (a user's own one, from a Session, is
-        wrapped once)."""
+        """``optimizer`` as a PostLocalSGDOptimizer (a user's own one is wrapped once)."""
         if isinstance(optimizer, PostLocalSGDOptimizer):
             return optimizer
         if id(optimizer) not in self._wrapped:
