@@ -142,3 +142,12 @@ def test_pipeline_settings_its_schedule_cannot_run_are_refused_before_any_worker
         plan(Hardware(cores=4), **{"strategy": "pipeline", "nproc": "2", **values})
     with pytest.raises(UsageError, match="--precision 16 cannot apply"):
         plan(GPU4, strategy="pipeline", nproc="2", precision="16")
+
+
+def test_localsgd_flags_that_need_another_comm_hook_are_refused_before_any_worker():
+    for values, says in (({"comm_hook": "fp16"}, "--comm-hook fp16 cannot apply"),
+                         ({"find_unused_parameters": True}, "--find-unused-parameters")):
+        with pytest.raises(UsageError, match=says):
+            plan(strategy="localsgd", nproc="2", **values)
+    with pytest.raises(UsageError, match="--precision 16 cannot apply to --strategy localsgd"):
+        plan(GPU4, strategy="localsgd", nproc="2", precision="16")

@@ -192,9 +192,13 @@ def _check_strategy_flags(cfg: TrainConfig, strategy: str, nproc: int, nnodes: i
         if cfg.sync_bn:
             raise UsageError("--sync-bn cannot apply to --strategy hogwild (no synchronous "
                              "step); drop --sync-bn")
-    if strategy == "localsgd" and cfg.sync_bn:
-        raise UsageError("--sync-bn would synchronise every step, which local SGD avoids; drop "
-                         "--sync-bn, or use --strategy ddp")
+    if strategy == "localsgd":
+        if cfg.sync_bn:
+            raise UsageError("--sync-bn would synchronise every step, which local SGD avoids; "
+                             "drop --sync-bn, or use --strategy ddp")
+        from dptrain.strategies.localsgd import refuse
+
+        refuse(cfg)  # DDP's one comm hook is local SGD's; fp16's per-rank skipped steps
     if cfg.balance == "auto" and strategy != "ddp":
         raise UsageError(f"--balance auto balances --strategy ddp; it does not apply to "
                          f"--strategy {strategy}: drop it, or use --strategy ddp")

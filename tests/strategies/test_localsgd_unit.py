@@ -11,7 +11,7 @@ from torch.distributed.algorithms.model_averaging import averagers
 
 from dptrain.errors import UsageError
 from dptrain.strategies.ddp import DDPOptions
-from dptrain.strategies.localsgd import _refuse, _to_cpu, averages_after, in_sync_after
+from dptrain.strategies.localsgd import _to_cpu, averages_after, in_sync_after, refuse
 
 
 @pytest.mark.parametrize(("period", "warmup"), [(1, 0), (8, 0), (4, 2), (3, 7)])
@@ -43,9 +43,9 @@ def test_ranks_are_equal_before_any_step_in_warm_up_and_right_after_an_average()
     ({"precision": "16"}, "miss the parameter average")])
 def test_flags_that_cannot_work_are_refused_with_the_fix(change, says):
     with pytest.raises(UsageError, match="localsgd") as err:
-        _refuse(DDPOptions(**change))
+        refuse(DDPOptions(**change))
     assert says in str(err.value)
-    _refuse(DDPOptions(precision="bf16", cpu_allreduce="auto"))  # these are fine
+    refuse(DDPOptions(precision="bf16", cpu_allreduce="auto"))  # these are fine
 
 
 def test_gathered_state_is_moved_to_the_cpu_and_detached():

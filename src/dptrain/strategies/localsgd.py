@@ -147,7 +147,7 @@ class LocalSGD(DistributedDataParallel):
                  timeout_s: float, options: DDPOptions | None = None) -> None:
         super().__init__(env, device, backend=backend, timeout_s=timeout_s, options=options)
         o = self.options
-        _refuse(o)
+        refuse(o)
         self.period, self.warmup = o.sync_every, o.localsgd_warmup_steps
         self.traffic = Traffic()  # always counted; self.comm stays None (see the module)
         # ddp.py's wrap then builds DDP with no hook of its own (no shm, no counter)
@@ -294,7 +294,7 @@ class _Averaged:
         return self.strategy.averaged_optimizer_state(self.inner)
 
 
-def _refuse(o: DDPOptions) -> None:
+def refuse(o: DDPOptions | TrainConfig) -> None:
     """The flags that cannot work with local SGD, each with the reason and the fix."""
     if o.comm_hook != "none":
         raise UsageError(f"--comm-hook {o.comm_hook} cannot apply to --strategy localsgd: DDP "
