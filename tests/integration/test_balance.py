@@ -110,15 +110,15 @@ def test_resume_of_a_balanced_run_is_exact(tmp_path):
     common = ["--dataset", "synthetic", "--model", "myplugins:mlp", "--lr", "0.05",
               "--momentum", "0.9", "--seed", "5", "--epochs", "5"]
     ref = train_inproc(tmp_path / "one", *common, "--threads", "1", "--batch-size", "32",
-                       "--max-steps", "30")
+                       "--max-steps", "20")
     assert ref["world_size"] == 1
     out = tmp_path / "balanced"
     bal = common + ["--nproc", "2", "--threads", "2,1", "--balance", "auto",
-                    "--batch-size", "16", "--ckpt-every", "6"]
-    first = train_inproc(out, *bal, "--max-steps", "12")
-    assert first["steps"] == 12 and first["balance_shares"] is not None
-    second = train_inproc(out, *bal, "--max-steps", "30", "--resume", "auto")
-    assert second["steps"] == 30 and second["resumed_from"].endswith(".pt")
+                    "--batch-size", "16"]
+    first = train_inproc(out, *bal, "--max-steps", "8")  # balanced from step 6
+    assert first["steps"] == 8 and first["balance_shares"] is not None
+    second = train_inproc(out, *bal, "--max-steps", "20", "--resume", "auto")
+    assert second["steps"] == 20 and second["resumed_from"].endswith(".pt")
     check_balance_fields(second, 32)  # measured again after the resume
     diff, where = compare(params(tmp_path / "one"), params(out))
     assert diff < 1e-5, where
