@@ -287,7 +287,8 @@ def memory_rows(configs: list[Config], model: str, device_gib: tuple[float, ...]
                 or not all("param_bytes" in m for m in mem)):
             continue
         strategy = "ddp" if c.strategy == "single" else c.strategy
-        predicted = memory.predict(shapes, strategy, len(mem), states=states)
+        mine = shapes if c.model == model else memory.shapes(build_model(c.model))
+        predicted = memory.predict(mine, strategy, len(mem), states=states)
         coll = c.summary.get("collective_bytes_per_step") or {}
         comm = ", ".join(f"{k} {_mib(v)}" for k, v in coll.items() if v) or "none"
         if c.summary.get("allreduce_bytes_per_step") and not coll.get("all_reduce"):
