@@ -97,3 +97,10 @@ def test_bench_compare_runs_ddp_to_the_target_and_writes_its_report(tmp_path):
     grads = 7850 * 4  # linear: 784 x 10 + 10 parameters, fp32
     assert r["comm_bytes_per_rank"] == grads * r["steps_to_target"]
     assert "| ddp | yes | 1/1 |" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_only_exact_strategies_are_called_exact():
+    from dptrain.bench.compare import exact
+
+    assert exact("ddp", 8) and exact("localsgd", 1) and exact("zero", 8)
+    assert not exact("localsgd", 8) and not exact("hogwild", 1)

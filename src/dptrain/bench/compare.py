@@ -68,6 +68,11 @@ def comm_bytes(summary: dict[str, Any]) -> int:
         "allreduce_bytes", "warmup_allreduce_bytes", "parameter_average_bytes"))
 
 
+def exact(strategy: str, sync_every: int) -> bool:
+    """Equal to one process with the global batch: not hogwild, not local SGD with H > 1."""
+    return strategy != "hogwild" and not (strategy == "localsgd" and sync_every > 1)
+
+
 def run_one(o: dict[str, Any], strategy: str, out: Path, repeat: int) -> dict[str, Any]:
     from dptrain.cli import run_training
 
@@ -82,7 +87,8 @@ def run_one(o: dict[str, Any], strategy: str, out: Path, repeat: int) -> dict[st
             "step_time_s": (s["train_time_s"] / s["timed_steps"]) if s["timed_steps"] else None,
             "final_accuracy": s["test_accuracy"], "comm_bytes_per_rank": comm_bytes(s),
             "param_averages": s.get("parameter_averages"),
-            "warmup_steps": s.get("localsgd_warmup_steps"), "exact": strategy != "hogwild",
+            "warmup_steps": s.get("localsgd_warmup_steps"),
+            "exact": exact(strategy, o["sync_every"]),
             "wall_s": time.perf_counter() - t0}
 
 
@@ -207,8 +213,13 @@ def report(doc: dict[str, Any]) -> list[str]:
                      f"{link['ddp_s']:.2f} | {link['localsgd_s']:.2f} | "
                      f"{'yes' if link['localsgd_pays'] else 'no'} |")
     b = a["breakeven_allreduce_s"]
-    lines += ["", ("Local SGD pays once one all-reduce of the parameters costs more than "
-                   f"{b * 1e3:.3f} ms per step (alpha-beta model, no overlap of ddp's "
-                   "communication with its backward: an upper bound on ddp's time)."
-                   if b is not None else "Local SGD synchronised as often as ddp here.")]
-    return lines
+    if b is None:
+        verdict = "Local SGD synchronised as often as ddp here: it cannot pay."
+    elif b == 0:
+        verdict = ("Local SGD needed no more steps than ddp, so with fewer synchronisations "
+                   "it pays at any all-reduce cost; how much is the table's difference.")
+    else:
+        verdict = (f"Local SGD pays once one all-reduce of the parameters costs more than "
+                   f"{b * 1e3:.3f} ms per step.")
+    return [*lines, "", verdict + " (Alpha-beta model; ddp's communication is not overlapped "
+            "with its backward here: an upper bound on ddp's time.)"]
