@@ -11,7 +11,7 @@ NPROC  ?= auto
 RUN_BATCH ?= $(shell n=$$(nproc 2>/dev/null || echo 2); b=$$((128 / n)); \
                 [ $$b -lt 16 ] && b=16; echo $$b)
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all lint bench clean
 
 $(BIN)/dptrain: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ run: $(BIN)/dptrain
 	$(BIN)/dptrain train --recipe mnist-fast --strategy ddp --nproc $(NPROC) \
 		--batch-size $(RUN_BATCH)
 
+# make test: everything but the tests marked `extended` (variants and long chains: see the
+# README's Development section); make test-all: the whole suite
 test: $(BIN)/dptrain
+	$(BIN)/python -m pytest -q -m "not extended"
+
+test-all: $(BIN)/dptrain
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/dptrain

@@ -19,7 +19,7 @@ def test_verify_help_shows_what_verify_runs(capsys):
     assert "--dataset DATASET dataset name, or package.module:factory (default: synthetic)" in text
     assert "(default: 16)" in text and "local worker processes: N or auto (= GPUs, else CPU " \
         "cores) (default: 2)" in text
-    assert "--strategy {ddp,zero,fsdp}" in text
+    assert "--strategy {ddp,zero,fsdp,pipeline,localsgd}" in text
 
 
 def test_train_help_prints_each_default_once(capsys):

@@ -106,6 +106,7 @@ def test_a_slower_rank_gets_a_smaller_share_the_step_stays_exact_and_gets_faster
     assert balanced < 0.75 * equal, (balanced, equal)
 
 
+@pytest.mark.extended
 def test_resume_of_a_balanced_run_is_exact(tmp_path):
     common = ["--dataset", "synthetic", "--model", "myplugins:mlp", "--lr", "0.05",
               "--momentum", "0.9", "--seed", "5", "--epochs", "5"]

@@ -88,6 +88,7 @@ def test_each_rank_writes_its_own_shard_and_last_pt_is_the_plain_model(tmp_path,
     assert last["position"]["step"] == 4 and _no_temporaries(ckpts)
 
 
+@pytest.mark.extended
 def test_fsdp_2_to_fsdp_3_to_ddp_to_zero_matches_the_uninterrupted_run(tmp_path):
     """Global batch 48: one process x 48 == fsdp 2 x 24 (steps 0-3), fsdp 3 x 16 from its
     directory (3-6), ddp 2 x 24 from --resume DIR (6-9), zero 3 x 16 (9-12)."""
@@ -107,6 +108,7 @@ def test_fsdp_2_to_fsdp_3_to_ddp_to_zero_matches_the_uninterrupted_run(tmp_path)
     assert diff < 1e-5, where
 
 
+@pytest.mark.extended
 def test_zero_shards_load_into_fsdp_at_another_world_size(tmp_path):
     _train("--batch-size", "48", "--max-steps", "6", "--out", str(tmp_path / "ref"))
     out = str(tmp_path / "moved")

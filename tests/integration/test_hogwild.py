@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import dptrain
@@ -155,6 +156,7 @@ def test_fit_trains_hogwild_and_another_world_size_resumes_with_rank_0s_momenta(
     assert again["test_accuracy"] >= 0.97
 
 
+@pytest.mark.extended
 def test_sigterm_mid_run_checkpoints_and_resume_auto_finishes(tmp_path):
     out, args = tmp_path / "run", [*HOG, "--epochs", "10", "--log-every", "5"]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain", *args, "--out", str(out)],
@@ -173,6 +175,7 @@ def test_sigterm_mid_run_checkpoints_and_resume_auto_finishes(tmp_path):
     assert s["test_accuracy"] >= 0.97
 
 
+@pytest.mark.extended
 def test_kill_9_a_worker_then_restart_finishes_and_leaves_no_segment(tmp_path):
     before, out = segments(), tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "dptrain", *HOG, "--epochs", "10",

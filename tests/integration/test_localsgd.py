@@ -154,6 +154,7 @@ with dptrain.Session(strategy=strategy, seed=3, **extra) as s:
 """
 
 
+@pytest.mark.extended
 def test_a_session_with_its_own_optimizer_runs_local_sgd(tmp_path):
     """The user's SGD is adopted (wrapped in PostLocalSGDOptimizer); H = 1 trains like ddp,
     H = 8 does not (the flag reaches the strategy)."""
@@ -190,6 +191,7 @@ def test_flags_local_sgd_cannot_take_exit_2_with_one_error_line(tmp_path, flag, 
     assert not out.exists()
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.usefixtures("namespaces")
 def test_two_nodes_average_like_one_node(tmp_path):

@@ -79,6 +79,7 @@ def mlp3():
 '''
 
 
+@pytest.mark.extended
 def test_three_stages_named_by_the_model_equal_one_process(tmp_path, monkeypatch):
     (tmp_path / "pp_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers inherit sys.path
@@ -102,6 +103,7 @@ def test_two_stages_by_two_replicas_equal_one_process(tmp_path):
     assert [r["param_bytes"] for r in sn["memory_per_rank"]] == STAGE_PARAMS * 2
 
 
+@pytest.mark.extended
 def test_accumulation_and_grad_clip_equal_one_process(tmp_path):
     """--accum 2: each loader micro-batch pipelined into 2 pieces; --grad-clip: the norm over
     both stages' gradients (0.05 bites on this model: see test_sharded)."""
@@ -112,6 +114,7 @@ def test_accumulation_and_grad_clip_equal_one_process(tmp_path):
     assert sn["global_batch"] == s1["global_batch"] == 16 and sn["accum"] == 2
 
 
+@pytest.mark.extended
 def test_resume_from_pipeline_to_single_and_back_matches_the_uninterrupted_run(tmp_path):
     """Global batch 16: one process 0-16 uninterrupted == pipeline 0-8, then a single
     process resuming its checkpoint 8-12, then the pipeline again 12-16 (each leg resumes
