@@ -5,7 +5,10 @@ writer was killed) from the files of a process that is still at work."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import uuid
 
 
 def pid_namespace() -> str:
@@ -33,3 +36,31 @@ def pid_alive(pid: int) -> bool:
             pass
         return True
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def stamped_path(directory: str, prefix: str) -> str:
+    """A fresh file name that names its creator: ``<prefix><pidns>-<pid>-<random hex>``, so
+    that :func:`sweep_dead` can tell a dead writer's leftover from a live one's file."""
+    return os.path.join(directory, f"{prefix}{pid_namespace()}-{os.getpid()}-"
+                                   f"{uuid.uuid4().hex[:16]}")
+
+
+def sweep_dead(directory: str, prefix: str, suffix: str = "") -> list[str]:
+    """Remove the files :func:`stamped_path` named (optionally + ``suffix``) whose creator, in
+    our pid namespace, is dead; only our names, never another namespace's. The paths removed."""
+    name_re = re.compile(re.escape(prefix) + r"(\d+)-(\d+)-[0-9a-f]+(?:" + re.escape(suffix)
+                         + ")?")
+    ns, removed = pid_namespace(), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = name_re.fullmatch(name)
+        if m is None or m.group(1) != ns or pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    return removed

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from dptrain import procs
 from dptrain.config import TrainConfig
 from dptrain.dist import DistEnv
 from dptrain.errors import UsageError
@@ -84,7 +86,7 @@ def _dead_pid() -> int:
 
 
 def test_sweep_removes_only_segments_whose_creator_is_dead(tmp_path, monkeypatch):
-    monkeypatch.setattr(hogwild, "pid_namespace", lambda: "77")
+    monkeypatch.setattr(procs, "pid_namespace", lambda: "77")
     dead = Path(tmp_path / f"dptrain-hogwild-77-{_dead_pid()}-abc123")
     alive = Path(tmp_path / f"dptrain-hogwild-77-{os.getpid()}-abc123")
     elsewhere = Path(tmp_path / f"dptrain-hogwild-78-{_dead_pid()}-abc123")  # other namespace
@@ -95,7 +97,7 @@ def test_sweep_removes_only_segments_whose_creator_is_dead(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in (alive, elsewhere, other))
     name = Path(hogwild.segment_path(str(tmp_path))).name
-    assert hogwild._NAME.fullmatch(name) and f"-{os.getpid()}-" in name
+    assert re.fullmatch(rf"dptrain-hogwild-77-{os.getpid()}-[0-9a-f]+", name)
 
 
 def test_each_rank_resumes_its_own_optimizer_state_or_rank_0s_at_another_world_size():

@@ -7,7 +7,7 @@ node's local rank 0 builds the splits, writes their tensors once into a file in 
 pages are the same physical memory for all of them, so the node holds one copy. The file is
 unlinked as soon as every rank has mapped it (the mappings keep it alive), so neither a finished
 nor a crashed run leaves it behind for long; a stale one from a killed run is swept by name
-(pid-stamped) the next time.
+(named by its pid namespace and pid: ``procs.sweep_dead``) the next time.
 
 A failure of the build on local rank 0 (a bad factory, a corrupt file) reaches every rank as the
 same :class:`UsageError` -- no rank waits forever for a file that never comes. Map-style
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dptrain.errors import UsageError
+from dptrain.procs import stamped_path, sweep_dead
 
 if TYPE_CHECKING:
     from dptrain.data.datasets import Splits
@@ -50,12 +50,11 @@ def load_once_per_node(build: Callable[[], Splits], strategy: Strategy) -> Split
     """``build()`` on local rank 0 only; the node's other ranks map its tensors (collective:
     every rank of the job calls this)."""
     env = strategy.env
-    token = strategy.broadcast_object(secrets.token_hex(6) if strategy.is_main else None)
     node = strategy.rank // max(1, env.local_world_size)
-    path = shared_dir() / f"{PREFIX}{token}-n{node}-{os.getpid() if env.local_rank == 0 else 0}"
+    path = Path(stamped_path(str(shared_dir()), PREFIX))  # local rank 0's is the one used
     built, status = None, "ok"
     if env.local_rank == 0:
-        sweep_stale()
+        sweep_dead(str(shared_dir()), PREFIX, suffix=".tmp")
         try:
             built = build()
             status = "dataset" if built.is_dataset else _write(built, path)
@@ -88,14 +87,3 @@ def _read(path: Path) -> Splits:
 
     fields: dict[str, Any] = torch.load(path, mmap=True, weights_only=True)
     return Splits(**fields)
-
-
-def sweep_stale() -> None:
-    """Remove shared dataset files whose writer (the pid in the name) is gone."""
-    from dptrain.procs import pid_alive
-
-    for p in shared_dir().glob(PREFIX + "*"):
-        pid = p.name.removesuffix(".tmp").rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) > 0 and not pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                p.unlink()

@@ -55,8 +55,6 @@ import contextlib
 import logging
 import mmap
 import os
-import re
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +63,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from dptrain.errors import UsageError
-from dptrain.procs import pid_alive, pid_namespace
+from dptrain.procs import stamped_path, sweep_dead
 from dptrain.strategies.base import Strategy
 from dptrain.strategies.ddp import DistributedDataParallel
 from dptrain.strategies.shm import SHM_DIR
@@ -76,7 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dptrain.hogwild")
 
 PREFIX = "dptrain-hogwild-"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[0-9a-f]+")
 ALIGN = 64  # bytes: every parameter's slot starts on a cache line
 NONDETERMINISTIC = ("--strategy hogwild updates shared parameters without locks: the update "
                     "order is nondeterministic, so runs with the same seed differ and do not "
@@ -86,25 +83,12 @@ NONDETERMINISTIC = ("--strategy hogwild updates shared parameters without locks:
 # ------------------------------------------------------------------ the segment
 def segment_path(directory: str = SHM_DIR) -> str:
     """A fresh name naming its creator: ``dptrain-hogwild-<pidns>-<pid>-<random>``."""
-    return os.path.join(directory, f"{PREFIX}{pid_namespace()}-{os.getpid()}-"
-                                   f"{uuid.uuid4().hex[:16]}")
+    return stamped_path(directory, PREFIX)
 
 
 def sweep_stale(directory: str = SHM_DIR) -> list[str]:
     """Remove hogwild segments whose creator (in our pid namespace) is dead; the paths removed."""
-    ns, removed = pid_namespace(), []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = _NAME.fullmatch(name)
-        if m is None or m.group(1) != ns or pid_alive(int(m.group(2))):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, name))
-            removed.append(os.path.join(directory, name))
-    return removed
+    return sweep_dead(directory, PREFIX)
 
 
 def layout(params: list[torch.Tensor]) -> tuple[list[int], int]:

@@ -33,16 +33,14 @@ import contextlib
 import mmap
 import os
 import platform
-import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dptrain.errors import UsageError
-from dptrain.procs import pid_alive, pid_namespace
+from dptrain.procs import pid_alive, stamped_path, sweep_dead
 
 SHM_DIR = "/dev/shm"
 HEADER = 4096  # one 64-byte line per rank: [sequence, pid], then padding
@@ -69,38 +67,20 @@ def supported() -> str | None:
 
 
 PREFIX = "dptrain-allreduce-"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-[0-9a-f]+")
 
 
 
 
 def segment_path(directory: str = SHM_DIR) -> str:
     """A fresh segment name naming its creator: ``dptrain-allreduce-<pidns>-<pid>-<random>``."""
-    return os.path.join(directory, f"{PREFIX}{pid_namespace()}-{os.getpid()}-"
-                                   f"{uuid.uuid4().hex[:16]}")
+    return stamped_path(directory, PREFIX)
 
 
 def sweep_stale(directory: str = SHM_DIR) -> list[str]:
     """Remove the segments whose creator is dead (it was killed before it could unlink its
     file); only names this module makes, only creators in our pid namespace. Returns the paths
     removed."""
-    ns, removed = pid_namespace(), []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = _NAME.fullmatch(name)
-        if m is None or m.group(1) != ns:
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or pid_alive(pid):
-            continue
-        path = os.path.join(directory, name)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            removed.append(path)
-    return removed
+    return sweep_dead(directory, PREFIX)
 
 
 def slot_bytes(world_size: int) -> int:
