@@ -131,23 +131,11 @@ def test_fit_runs_local_sgd_and_returns_the_averaged_model(tmp_path):
 
 SESSION_SCRIPT = """
 import sys, torch, dptrain
-from dptrain.data.datasets import synthetic
-from dptrain.models import build_model
+from sessionloop import ten_steps
 
 strategy, path, extra = sys.argv[1], sys.argv[2], {"sync_every": int(sys.argv[3])}
 with dptrain.Session(strategy=strategy, seed=3, **extra) as s:
-    torch.manual_seed(3)
-    model = build_model("linear")
-    wrapped, opt = s.setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    data = synthetic()
-    loader = s.loader(data.train_x, data.train_y, batch_size=32, normalize=(data.mean, data.std))
-    for step, micro in enumerate(loader.epoch(0)):
-        for x, y in s.accumulate(wrapped, micro):
-            s.backward(torch.nn.functional.cross_entropy(wrapped(x), y))
-        s.step(opt)
-        if step == 9:
-            break
-    flat = torch.cat([p.detach().flatten() for p in s.unwrap(wrapped).parameters()])
+    wrapped, opt, flat = ten_steps(s)
     if s.is_main:
         torch.save(flat, path)
         print("RESULT", type(opt).__name__)

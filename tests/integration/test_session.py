@@ -76,28 +76,13 @@ if sys.platform != "linux":  # pragma: no cover
 
 ZERO_SCRIPT = """
 import sys, torch, dptrain
-from torch.distributed.optim import ZeroRedundancyOptimizer
-from dptrain.data.datasets import synthetic
-from dptrain.models import build_model
+from sessionloop import ten_steps
 
-strategy = sys.argv[1]
-with dptrain.Session(strategy=strategy, seed=3) as s:
-    torch.manual_seed(3)
-    model = build_model("linear")
-    given = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    wrapped, opt = s.setup(model, given)
-    data = synthetic()
-    loader = s.loader(data.train_x, data.train_y, batch_size=32, normalize=(data.mean, data.std))
-    for step, micro in enumerate(loader.epoch(0)):
-        for x, y in s.accumulate(wrapped, micro):
-            s.backward(torch.nn.functional.cross_entropy(wrapped(x), y))
-        s.step(opt)
-        if step == 9:
-            break
+with dptrain.Session(strategy=sys.argv[1], seed=3) as s:
+    wrapped, opt, flat = ten_steps(s)
     inner = getattr(opt, "optim", opt)
     held = sum(v.numel() for st in inner.state.values() for v in st.values()
                if torch.is_tensor(v) and v.dim())
-    flat = torch.cat([p.detach().flatten() for p in s.unwrap(wrapped).parameters()])
     both = s.all_reduce(torch.tensor([float(held)]), op="sum")  # one line, from rank 0
     if s.is_main:
         print("RESULT", type(opt).__name__, held, int(both.item()),
