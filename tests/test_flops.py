@@ -123,3 +123,21 @@ def test_summary_fields(monkeypatch):
     assert flops.summary_fields(nn.Linear(784, 10), torch.zeros(4, 784), samples_per_s=None,
                                 world_size=1, precision="32")["mfu"] is None
     assert asked[-1] == "fp32"
+
+
+def test_summary_fields_remeasures_a_peak_that_training_beat(monkeypatch):
+    # a peak cached while the machine was busy (training at 4.7e10 FLOP/s "beats" it): the
+    # summary measures again rather than report an MFU above 1
+    from dptrain import hardware
+
+    asked = []
+
+    def peak(name, device, refresh=False):
+        asked.append(refresh)
+        return 1e11 if refresh else 1e10
+
+    monkeypatch.setattr(hardware, "matmul_peak", peak)
+    f = flops.summary_fields(nn.Linear(784, 10), torch.zeros(4, 784), samples_per_s=1e6,
+                             world_size=1, precision="32")
+    assert asked == [False, True]
+    assert f["peak_flops"] == 1e11 and f["mfu"] == pytest.approx(47040 * 1e6 / 1e11)

@@ -163,7 +163,8 @@ def summary_fields(model: nn.Module, example_batch_input: Any, *, samples_per_s:
     Returns:
         ``model_flops_per_sample`` (forward), ``train_flops_per_sample`` (3x), ``peak_flops``
         (per device, measured for ``precision``), ``peak_precision``, ``peak_threads``, and
-        ``mfu`` = train FLOPs x samples/s per device / peak (None when unknown).
+        ``mfu`` = train FLOPs x samples/s per device / peak (None when unknown). A run that
+        achieves more than the cached peak re-measures it first (the cache keeps the higher).
     """
     from dptrain import hardware
 
@@ -175,6 +176,10 @@ def summary_fields(model: nn.Module, example_batch_input: Any, *, samples_per_s:
         name = "fp32"  # fp16 autocast is CUDA-only in dptrain
     peak = hardware.matmul_peak(name, device=dev)
     per_device = samples_per_s / world_size if samples_per_s and world_size > 0 else None
+    if per_device is not None and train * per_device > peak:
+        # training beat the cached peak: that figure was measured on a busy machine; measure
+        # again now (the cache keeps the higher figure)
+        peak = hardware.matmul_peak(name, device=dev, refresh=True)
     return {"model_flops_per_sample": forward, "train_flops_per_sample": train,
             "peak_flops": peak, "peak_precision": name,
             "peak_threads": torch.get_num_threads() if dev.type == "cpu" else None,
