@@ -79,6 +79,13 @@ def forward_flops(model: nn.Module, example: Any, call: Call = "auto") -> int:
     Runs in eval mode under ``torch.no_grad()`` so that nothing about the model changes
     (BatchNorm's running statistics stay as they were); the training mode is restored.
     """
+    from torch.utils import flop_counter
+
+    from dptrain import lazydynamo
+
+    mode = getattr(flop_counter, "_FlopCounterMode", None)  # its dispatch mode (torch 2.13)
+    if isinstance(mode, type):
+        lazydynamo.defer(mode)  # counting needs no torch._dynamo
     was_training = model.training
     model.eval()
     try:

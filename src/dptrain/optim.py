@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.optim.optimizer as torch_optimizer
 
+from dptrain import lazydynamo
 from dptrain.config import TrainConfig
 
 
@@ -48,7 +49,9 @@ def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter] | lis
                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer, as a fused kernel where PyTorch has one (one launch for all parameters
     and no Python loop per tensor), else the multi-tensor ``foreach`` implementation.
-    ``params``: parameters or parameter groups (:func:`param_groups`)."""
+    ``params``: parameters or parameter groups (:func:`param_groups`). Building it does not
+    import ``torch._dynamo`` (:mod:`dptrain.lazydynamo`)."""
+    lazydynamo.defer(torch.optim.Optimizer)
     params = list(params)
     kind, kwargs = optimizer_class(cfg)
     if cfg.optimizer != "adadelta":
