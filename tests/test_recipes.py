@@ -71,3 +71,22 @@ def test_resolved_config_precision(bf16, native, flags, want):
     bf16(native)
     args = build_parser().parse_args(["train", "--recipe", "mnist-fast", *flags])
     assert resolve_config(args).precision == want
+
+
+@pytest.mark.parametrize(("flags", "steps", "epochs"), [
+    ([], 400, 1), (["--epochs", "2"], 0, 2), (["--max-steps", "100"], 100, 1),
+    (["--batch-size", "64"], 0, 1), (["--epochs", "3", "--max-steps", "50"], 50, 3)])
+def test_the_recipe_step_budget_belongs_to_its_epochs_and_batch(flags, steps, epochs):
+    """mnist-fast trains 400 of an epoch's 468 steps; a user who sets the epochs, the batch
+    or the accumulation gets their own budget, not 400 steps of it."""
+    from dptrain.cli import build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args(["train", "--recipe", "mnist-fast", *flags]))
+    assert (cfg.max_steps, cfg.epochs) == (steps, epochs)
+
+
+def test_untie_drops_only_the_tied_values():
+    values = {"max_steps": 400, "epochs": 1, "lr": 0.1}
+    assert recipes.untie(values, set()) == values
+    assert recipes.untie(values, {"lr"}) == values
+    assert recipes.untie(values, {"accum"}) == {"epochs": 1, "lr": 0.1}

@@ -53,14 +53,21 @@ def cnn() -> nn.Module:
 
 
 def fastnet() -> nn.Module:
-    """The ``mnist-fast`` recipe's net: small, BN everywhere, cheap on CPU, 99 %+ in 1-2 epochs."""
+    """The ``mnist-fast`` recipe's net: small, BN everywhere, cheap on CPU, 99 %+ in one epoch.
+
+    Each block pools straight after its convolution, then normalises and rectifies the
+    pooled map: BatchNorm and ReLU (forward and backward) touch a quarter of the values
+    they would after the pool. Conv -> BN -> ReLU -> pool spent half of its step in those
+    element-wise passes; this order trains 1.5x faster on CPU at batch 128 and to the same
+    or higher accuracy (benchmarks/speed.py).
+    """
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
             nn.BatchNorm2d(cout),
             nn.ReLU(),
-            nn.MaxPool2d(2),
         )
 
     return _with_split_points(nn.Sequential(

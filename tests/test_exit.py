@@ -1,0 +1,54 @@
+"""cli.exit_now: the dptrain command skips the interpreter teardown but keeps what a normal
+exit does that matters (atexit handlers, flushed output, the exit status)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+
+
+def test_exit_now_runs_atexit_flushes_and_keeps_the_status(tmp_path):
+    marker = tmp_path / "atexit-ran"
+    proc = _run(f"""
+        import atexit, sys, torch
+        from dptrain.cli import exit_now
+        atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+        sys.stdout.write("unflushed output")  # no newline: still in the buffer
+        exit_now(3)
+        print("never reached")
+    """)
+    assert proc.returncode == 3
+    assert proc.stdout == "unflushed output"
+    assert marker.read_text() == "yes"
+
+
+def test_a_running_non_daemon_thread_gets_a_normal_exit(tmp_path):
+    done = tmp_path / "thread-finished"
+    proc = _run(f"""
+        import threading, time, torch
+        from dptrain.cli import exit_now
+        def work():
+            time.sleep(0.5)
+            open({str(done)!r}, "w").write("done")
+        threading.Thread(target=work).start()
+        exit_now(0)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert done.read_text() == "done"  # os._exit would have cut the thread short
+
+
+def test_python_m_dptrain_exit_statuses(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "dptrain", "train", "--lr", "-1", "--out",
+                          str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --lr must be positive")
+    assert not (tmp_path / "r").exists()
