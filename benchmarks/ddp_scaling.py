@@ -12,9 +12,34 @@ optimizer steps (``--max-steps``) in every run, each run a fresh ``dptrain train
   their samples/s is what 2 processes can do on this machine with perfect communication.
 
 The figure of each run is ``train_samples_per_s`` from ``summary.json`` (global, warm-up step
-excluded, evaluation excluded). The three are run in rotating order, ``--repeats`` times::
+excluded, evaluation excluded).
 
-    python benchmarks/ddp_scaling.py --repeats 3 --max-steps 300 --data-root /tmp/mnistdata
+Rounds (``--repeats``): each round runs the four configurations back to back, in the order
+above on even rounds and reversed on odd ones (ABBA: ``ddp2`` always sits between ``single``
+and ``ceiling``, and a drift of the machine falls on both sides alike). The headline figures
+are per-round ratios (2-DDP / ceiling, 2-DDP / 1-process, for both all-reduce paths) and their
+median, min and max over the rounds -- single pairs on a shared 2-core VM swing a lot, the
+median of paired ratios much less.
+
+Prediction: each round also predicts the 2-process DDP samples/s with dptrain's own predictor
+(:mod:`dptrain.bench.predict`: ``contention_factor`` + ``scaling_table``) from what was
+measured WITHOUT running 2-process DDP training:
+
+* the 1-process run: its step time ``batch / samples_per_s`` (data gather, forward, backward and
+  optimizer: ``dptrain train`` does not split them; with one gradient bucket the split does not
+  change the prediction);
+* the ceiling run: how two processes contend for the cores, the contention factor
+  ``k(2) = (2 batch / ceiling samples_per_s) / (batch / 1-process samples_per_s)``;
+* an all-reduce sweep among 2 fresh processes with ``dptrain.bench.comm.comm_worker`` (what
+  ``dptrain bench`` runs: one all-reduce of each size timed after a barrier, slowest rank,
+  median of ``--comm-iters``) over the shared-memory path and over gloo, fitted with
+  ``fit_cost_model`` (alpha + bytes / beta); the model's gradient (one DDP bucket) costs
+  ``fit.time(grad_bytes, 2)``.
+
+Per round: predicted vs measured 2-DDP samples/s, the signed error in percent, and the median
+error over the rounds::
+
+    python benchmarks/ddp_scaling.py --repeats 7 --max-steps 300 --data-root /tmp/mnistdata
 """
 
 from __future__ import annotations
@@ -22,20 +47,79 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly
+from dptrain.bench import predict as P
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("single", "ddp2", "ceiling", "ddp2_gloo")
+COMM_PATHS = {"ddp2": "auto", "ddp2_gloo": "gloo"}  # the --cpu-allreduce of each DDP config
+BUCKET_CAP_MB = 25.0  # dptrain train's default --bucket-cap-mb
+TARGET_OF_CEILING = 0.95
+TARGET_ERROR_PCT = 10.0
+TARGET_SPEEDUP = 1.7
+RATIOS = {  # name -> (numerator, denominator)
+    "ddp2_over_ceiling": ("ddp2", "ceiling"),
+    "ddp2_over_single": ("ddp2", "single"),
+    "ddp2_gloo_over_ceiling": ("ddp2_gloo", "ceiling"),
+    "ddp2_gloo_over_single": ("ddp2_gloo", "single"),
+    "ceiling_over_single": ("ceiling", "single"),
+}
 
 
+# ------------------------------------------------------------------ pure helpers (unit-tested)
+def round_order(r: int, configs: Sequence[str] = CONFIGS) -> list[str]:
+    """The configurations of round ``r``: as given on even rounds, reversed on odd ones."""
+    return list(configs) if r % 2 == 0 else list(reversed(configs))
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and the values (in round order) of a per-round figure."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+            "n": len(vals), "values": vals}
+
+
+def round_ratios(sps: dict[str, float]) -> dict[str, float]:
+    """The per-round ratios of :data:`RATIOS` from one round's samples/s per configuration."""
+    return {name: sps[a] / sps[b] for name, (a, b) in RATIOS.items() if a in sps and b in sps}
+
+
+def predict_ddp2(*, single_sps: float, ceiling_sps: float, batch: int, grad_bytes: int,
+                 fit: P.Fit, bucket_cap_mb: float = BUCKET_CAP_MB) -> dict[str, Any]:
+    """dptrain's prediction of 2-process DDP samples/s from the 1-process run, the ceiling and
+    an all-reduce cost fit (nothing from a 2-process DDP training run)."""
+    step1 = batch / single_sps  # one process alone: all of its step (data included)
+    step_ceiling = 2 * batch / ceiling_sps  # per process, two processes without communication
+    measured_k = {2: step_ceiling / step1}
+    rows = P.scaling_table(
+        compute_s=step1, data_s=0.0, batch=batch, grad_bytes=grad_bytes,
+        bucket_cap_mb=bucket_cap_mb, cost=fit.time,
+        contention=lambda n: P.contention_factor(n, measured_k, cpu=True), ns=(2,))
+    row = rows[0]
+    return {"predicted_samples_per_s": row["samples_per_s"], "predicted_step_s": row["step_s"],
+            "step_1proc_s": step1, "step_ceiling_per_proc_s": step_ceiling,
+            "contention_factor": measured_k[2], "comm_exposed_s": row["comm_exposed_s"],
+            "allreduce_s": fit.time(grad_bytes, 2), "buckets": row["buckets"],
+            "grad_bytes": grad_bytes, "fit": fit.to_dict()}
+
+
+def check(value: float | None, ok: bool) -> str:
+    return "n/a" if value is None else ("met" if ok else "NOT met")
+
+
+# ------------------------------------------------------------------------------ measurements
 def train_cmd(args: argparse.Namespace, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "dptrain", "train",
@@ -58,6 +142,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
         "steps": summary["steps"],
         "world_size": summary["world_size"],
         "allreduce": summary.get("allreduce"),
+        "grad_bytes": summary.get("grad_bytes"),
         "test_accuracy": summary["test_accuracy"],
         "window": window,
     }
@@ -82,11 +167,11 @@ def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         return _finish(proc, out)
-    if name in ("ddp2", "ddp2_gloo"):
+    if name in COMM_PATHS:
         out = workdir / f"{name}-{stamp}"
-        path = "gloo" if name == "ddp2_gloo" else "auto"
         proc = subprocess.Popen(
-            train_cmd(args, out, "--strategy", "ddp", "--nproc", "2", "--cpu-allreduce", path),
+            train_cmd(args, out, "--strategy", "ddp", "--nproc", "2",
+                      "--cpu-allreduce", COMM_PATHS[name]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         return _finish(proc, out)
@@ -113,55 +198,146 @@ def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     }
 
 
+# The all-reduce sweep of `dptrain bench` (dptrain.bench.comm.run_sweep), in a fresh launcher
+# process, with the CPU all-reduce path chosen (run_sweep itself always takes "auto").
+_SWEEP = """
+import json, sys
+from dptrain.bench.comm import algbw, busbw, comm_worker
+from dptrain.launch import launch
+sizes, iters, warmup, path = json.loads(sys.argv[1])
+res = launch(comm_worker, (sizes, iters, warmup, "cpu", 300.0, path), nproc=2)[0]
+for p in res["points"]:
+    p.update(n=2, algbw_Bps=algbw(p["bytes"], p["time_s"]),
+             busbw_Bps=busbw(p["bytes"], p["time_s"], 2))
+print(json.dumps(res))
+"""
+
+
+def comm_sizes(grad_bytes: int) -> list[int]:
+    """Message sizes of the sweep: the gradient's own size and a few around it."""
+    return sorted({4096, 32768, -(-grad_bytes // 4) * 4, 262144, 1048576})
+
+
+def run_comm(path: str, sizes: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWEEP, json.dumps([sizes, args.comm_iters, 3, path])],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"error: all-reduce sweep ({path}) failed:\n{proc.stderr[-2000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    fit = P.fit_cost_model([(p["n"], p["bytes"], p["time_s"]) for p in res["points"]])
+    for p in res["points"]:
+        p.pop("times_s", None)  # keep the JSON readable: median and mean stay
+    res["fit"] = fit.to_dict()
+    res["samples_per_s"] = 0.0  # not a throughput; keeps the printing uniform
+    return res
+
+
+def grad_bytes_of(model: str) -> int:
+    from dptrain.models import build_model
+
+    return sum(p.numel() * p.element_size() for p in build_model(model).parameters()
+               if p.requires_grad)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="rounds; each runs every configuration once (alternating order)")
     parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--model", default="convnet")
+    parser.add_argument("--comm-iters", type=int, default=20,
+                        help="all-reduces timed per message size in each round's sweep")
     add_measurement_flags(parser)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "ddp_scaling.json")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.max_steps < 2:
-        parser.error("--repeats must be at least 1 and --max-steps at least 2")
+    if args.repeats < 1 or args.max_steps < 2 or args.comm_iters < 1:
+        parser.error("--repeats and --comm-iters must be at least 1 and --max-steps at least 2")
 
     info = machine_info()
+    grad_bytes = grad_bytes_of(args.model)
+    sizes = comm_sizes(grad_bytes)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+    comm: dict[str, list[dict[str, Any]]] = {name: [] for name in COMM_PATHS}
+    rounds: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dptrain-bench-") as tmp:
         for r in range(args.repeats):
-            k = r % len(CONFIGS)
-            order = CONFIGS[k:] + CONFIGS[:k]  # rotate: noise falls on all alike
-            for name in order:
-                res, set_aside = run_quietly(
-                    partial(run_config, name, args, Path(tmp)),
-                    wait_quiet_s=args.wait_quiet,
-                    retries=args.retries,
-                )
+            # the sweeps first (they predict this round's DDP), then the trainings, ABBA
+            steps = [f"comm:{n}" for n in COMM_PATHS] + round_order(r)
+            here: dict[str, dict[str, Any]] = {}
+            for step in steps:
+                if step.startswith("comm:"):
+                    cfg = step.split(":", 1)[1]
+                    fn = partial(run_comm, COMM_PATHS[cfg], sizes, args)
+                else:
+                    fn = partial(run_config, step, args, Path(tmp))
+                res, set_aside = run_quietly(fn, wait_quiet_s=args.wait_quiet,
+                                             retries=args.retries)
                 res["repeat"] = r
-                runs[name].append(res)
-                discarded.extend({"config": name, "repeat": r, **x} for x in set_aside)
-                extra = ""
-                if res.get("overlap") is not None:
-                    extra = f"  overlap {res['overlap']:.2f}"
+                here[step] = res
+                if step.startswith("comm:"):
+                    comm[step.split(":", 1)[1]].append(res)
+                else:
+                    runs[step].append(res)
+                discarded.extend({"config": step, "repeat": r, **x} for x in set_aside)
+                if step.startswith("comm:"):
+                    fit = res["fit"]
+                    what = (f"all-reduce {res['allreduce']}: "
+                            f"{P.Fit(**fit).time(grad_bytes, 2) * 1e6:,.0f} µs per "
+                            f"{grad_bytes:,} B gradient (fit rms {fit['rel_rms']:.0%})")
+                else:
+                    what = f"{res['samples_per_s']:>9,.0f} samples/s"
+                    if res.get("overlap") is not None:
+                        what += f"  overlap {res['overlap']:.2f}"
                 print(
-                    f"  repeat {r + 1}/{args.repeats} {name:8s} "
-                    f"{res['samples_per_s']:>9,.0f} samples/s{extra}  "
+                    f"  round {r + 1}/{args.repeats} {step:14s} {what}  "
                     f"(others: {_pct(res['cpu_busy_before'])} before, "
                     f"{_pct(res['other_load_during'])} during; {len(set_aside)} set aside)",
                     flush=True,
                 )
+            sps = {name: here[name]["samples_per_s"] for name in CONFIGS}
+            rnd: dict[str, Any] = {"round": r, "order": steps, "samples_per_s": sps,
+                                   "ratios": round_ratios(sps), "prediction": {}}
+            for cfg in COMM_PATHS:
+                pred = predict_ddp2(single_sps=sps["single"], ceiling_sps=sps["ceiling"],
+                                    batch=args.batch_size, grad_bytes=grad_bytes,
+                                    fit=P.Fit(**here[f"comm:{cfg}"]["fit"]))
+                pred["allreduce_path"] = here[f"comm:{cfg}"]["allreduce"]
+                pred["measured_samples_per_s"] = sps[cfg]
+                pred["error_pct"] = P.prediction_error(pred["predicted_samples_per_s"], sps[cfg])
+                rnd["prediction"][cfg] = pred
+            rounds.append(rnd)
+            print(
+                f"  round {r + 1}: DDP/ceiling {rnd['ratios']['ddp2_over_ceiling']:.3f}  "
+                f"DDP/1-proc {rnd['ratios']['ddp2_over_single']:.2f}x  "
+                f"predicted {rnd['prediction']['ddp2']['predicted_samples_per_s']:,.0f} "
+                f"({rnd['prediction']['ddp2']['error_pct']:+.1f} %)", flush=True)
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = list(os.getloadavg())
 
     stats = {k: mean_std([x["samples_per_s"] for x in v]) for k, v in runs.items()}
-    speedup = stats["ddp2"]["mean"] / stats["single"]["mean"]
-    of_ceiling = stats["ddp2"]["mean"] / stats["ceiling"]["mean"]
-    ceiling_speedup = stats["ceiling"]["mean"] / stats["single"]["mean"]
-    gloo_speedup = stats["ddp2_gloo"]["mean"] / stats["single"]["mean"]
+    for k, v in runs.items():
+        stats[k]["median"] = statistics.median(x["samples_per_s"] for x in v)
+    ratios = {name: spread([rnd["ratios"][name] for rnd in rounds]) for name in RATIOS}
+    errors = {cfg: spread([rnd["prediction"][cfg]["error_pct"] for rnd in rounds])
+              for cfg in COMM_PATHS}
+    of_ceiling = ratios["ddp2_over_ceiling"]["median"]
+    speedup = ratios["ddp2_over_single"]["median"]
+    err = errors["ddp2"]["median"]
+    targets = {
+        "ddp2_over_ceiling_median_at_least": TARGET_OF_CEILING,
+        "ddp2_over_ceiling_met": of_ceiling >= TARGET_OF_CEILING,
+        "speedup_2proc_vs_1proc_median_at_least": TARGET_SPEEDUP,
+        "speedup_met": speedup >= TARGET_SPEEDUP,
+        "prediction_abs_median_error_pct_at_most": TARGET_ERROR_PCT,
+        "prediction_met": abs(err) <= TARGET_ERROR_PCT,
+    }
     result = {
         "benchmark": "ddp_scaling",
         "config": {
@@ -170,19 +346,46 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size_per_process": args.batch_size,
             "threads_per_process": 1,
             "max_steps": args.max_steps,
-            "repeats": args.repeats,
+            "rounds": args.repeats,
+            "order": "each round: the all-reduce sweeps (shm, gloo), then single, ddp2, "
+                     "ceiling, ddp2_gloo on even rounds and the reverse on odd rounds",
             "backend": "gloo",
-            "allreduce": {name: sorted({x.get("allreduce") for x in runs[name]})
-                          for name in ("ddp2", "ddp2_gloo")},
+            "bucket_cap_mb": BUCKET_CAP_MB,
+            "grad_bytes": grad_bytes,
+            "comm_sizes": sizes,
+            "comm_iters": args.comm_iters,
+            "allreduce": {name: sorted({str(x.get("allreduce")) for x in runs[name]})
+                          for name in COMM_PATHS},
         },
         "machine": info,
+        "headline": {
+            "statistic": "median (min, max) over rounds of per-round ratios",
+            "ddp2_over_ceiling": ratios["ddp2_over_ceiling"],
+            "ddp2_over_single": ratios["ddp2_over_single"],
+            "ddp2_gloo_over_ceiling": ratios["ddp2_gloo_over_ceiling"],
+            "ddp2_gloo_over_single": ratios["ddp2_gloo_over_single"],
+            "ceiling_over_single": ratios["ceiling_over_single"],
+            "prediction_error_pct": errors,
+            "targets": targets,
+        },
+        "prediction_inputs": (
+            "per round, with dptrain.bench.predict (contention_factor, scaling_table, "
+            "fit_cost_model); no 2-process DDP training run is used: (1) the 1-process run's "
+            "step time batch / samples_per_s (data, forward, backward, optimizer together; "
+            "data_s = 0); (2) the ceiling run's per-process step time 2 batch / "
+            "samples_per_s, giving the contention factor k(2) = ceiling step / 1-process "
+            "step; (3) the all-reduce cost of the gradient (one DDP bucket of grad_bytes) "
+            "from an alpha-beta fit to an all-reduce sweep between 2 fresh processes "
+            "(dptrain.bench.comm.comm_worker, as dptrain bench measures it: barrier, slowest "
+            "rank, median of comm_iters), over shared memory for ddp2 and gloo for "
+            "ddp2_gloo. Predicted step = k(2) x 1-process step + exposed all-reduce (all of "
+            "it: one bucket); predicted samples/s = 2 batch / step. Error = 100 (predicted - "
+            "measured) / measured."),
+        "prediction_assumptions": P.describe_assumptions(),
+        "rounds": rounds,
         "samples_per_s": stats,
-        "speedup_2proc_vs_1proc": speedup,
-        "ddp2_fraction_of_ceiling": of_ceiling,
-        "ceiling_speedup_vs_1proc": ceiling_speedup,
-        "gloo_speedup_2proc_vs_1proc": gloo_speedup,
-        "target_speedup": 1.7,
         "runs": runs,
+        "comm_sweeps": comm,
         "set_aside_disturbed_runs": discarded,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,24 +393,32 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{args.model}, batch {args.batch_size}/process, 1 thread/process, "
-        f"{args.max_steps} steps, {args.repeats} repeat(s) on {info['cpu_model']} "
+        f"{args.max_steps} steps, {args.repeats} round(s) on {info['cpu_model']} "
         f"({info['cores']} cores)"
     )
-    print(f"{'configuration':<36}{'samples/s (mean ± std)':>26}")
     labels = {
         "single": "1 process",
         "ddp2": "2 DDP processes (shared memory)",
         "ceiling": "2 independent processes (ceiling)",
         "ddp2_gloo": "2 DDP processes (gloo TCP)",
     }
+    print(f"{'configuration':<36}{'samples/s median':>18}{'mean ± std':>22}")
     for name in CONFIGS:
         s = stats[name]
-        print(f"{labels[name]:<36}{s['mean']:>14,.0f} ± {s['std']:<9,.0f}")
-    print(
-        f"2-proc DDP / 1-proc: {speedup:.2f}x   DDP / ceiling: {of_ceiling:.2f}   "
-        f"ceiling / 1-proc: {ceiling_speedup:.2f}x   target: 2-proc >= 1.7x 1-proc\n"
-        f"with gloo's TCP all-reduce instead: {gloo_speedup:.2f}x"
-    )
+        print(f"{labels[name]:<36}{s['median']:>18,.0f}{s['mean']:>12,.0f} ± {s['std']:<7,.0f}")
+    print("per-round ratios, median (min-max):")
+    for name in RATIOS:
+        s = ratios[name]
+        print(f"  {name:<24}{s['median']:>7.3f}  ({s['min']:.3f}-{s['max']:.3f})")
+    for cfg in COMM_PATHS:
+        s = errors[cfg]
+        print(f"  prediction error {cfg:<9} median {s['median']:+6.1f} %  "
+              f"({s['min']:+.1f} to {s['max']:+.1f} %)")
+    print(f"targets: DDP/ceiling >= {TARGET_OF_CEILING}: "
+          f"{check(of_ceiling, targets['ddp2_over_ceiling_met'])}; "
+          f"DDP/1-proc >= {TARGET_SPEEDUP}x: {check(speedup, targets['speedup_met'])}; "
+          f"|median prediction error| <= {TARGET_ERROR_PCT:g} %: "
+          f"{check(err, targets['prediction_met'])}")
     busy = [x["other_load_during"] or 0 for v in runs.values() for x in v]
     busy = [b for b in busy if b > 0.1]
     if busy:
