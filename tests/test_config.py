@@ -38,7 +38,7 @@ def test_precedence_recipe_then_file_then_flags(tmp_path: Path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--epochs", "-1"], "--epochs must be positive"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "0"], "--lr must be positive"),
     (["--nproc", "zero"], "--nproc must be a positive integer or auto"),
@@ -64,7 +64,7 @@ def test_config_file_errors(tmp_path: Path):
     with pytest.raises(UsageError, match="unknown key 'learning_rate'"):
         load_toml(bad)
     bad.write_text('epochs = "two"\n')
-    with pytest.raises(UsageError, match="epochs must be int"):
+    with pytest.raises(UsageError, match="epochs must be float"):
         load_toml(bad)
 
 

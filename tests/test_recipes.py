@@ -73,20 +73,15 @@ def test_resolved_config_precision(bf16, native, flags, want):
     assert resolve_config(args).precision == want
 
 
-@pytest.mark.parametrize(("flags", "steps", "epochs"), [
-    ([], 400, 1), (["--epochs", "2"], 0, 2), (["--max-steps", "100"], 100, 1),
-    (["--batch-size", "64"], 0, 1), (["--epochs", "3", "--max-steps", "50"], 50, 3)])
-def test_the_recipe_step_budget_belongs_to_its_epochs_and_batch(flags, steps, epochs):
-    """mnist-fast trains 400 of an epoch's 468 steps; a user who sets the epochs, the batch
-    or the accumulation gets their own budget, not 400 steps of it."""
+
+@pytest.mark.parametrize(("flags", "epochs", "steps"), [
+    ([], 0.85, 398), (["--epochs", "2"], 2.0, 936), (["--batch-size", "64"], 0.85, 797),
+    (["--epochs", "0.5", "--accum", "2"], 0.5, 117)])
+def test_the_recipe_trains_a_share_of_an_epoch(flags, epochs, steps):
+    """mnist-fast trains 0.85 of an epoch, whatever the batch; --epochs replaces the share."""
     from dptrain.cli import build_parser, resolve_config
+    from dptrain.loop import epoch_steps
 
     cfg = resolve_config(build_parser().parse_args(["train", "--recipe", "mnist-fast", *flags]))
-    assert (cfg.max_steps, cfg.epochs) == (steps, epochs)
-
-
-def test_untie_drops_only_the_tied_values():
-    values = {"max_steps": 400, "epochs": 1, "lr": 0.1}
-    assert recipes.untie(values, set()) == values
-    assert recipes.untie(values, {"lr"}) == values
-    assert recipes.untie(values, {"accum"}) == {"epochs": 1, "lr": 0.1}
+    assert cfg.epochs == epochs
+    assert epoch_steps(cfg.epochs, 60_000 // (cfg.batch_size * cfg.accum)) == steps

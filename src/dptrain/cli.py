@@ -83,15 +83,14 @@ class _AppendModelArg(argparse.Action):
 def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None
                    ) -> TrainConfig:
     """Defaults < recipe < ``--config`` file < flags (< ``overrides``), then validate."""
-    from dptrain.recipes import recipe_values, untie
+    from dptrain.recipes import recipe_values
 
     explicit = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     from_file = load_toml(args.config) if getattr(args, "config", None) else {}
     recipe = explicit.get("recipe", from_file.get("recipe", ""))
     values: dict[str, Any] = {}
     if recipe:
-        given = set(from_file) | set(explicit) | set(overrides or {})
-        values.update(coerce(untie(recipe_values(recipe), given), source=f"recipe {recipe}"))
+        values.update(coerce(recipe_values(recipe), source=f"recipe {recipe}"))
     values.update(from_file)
     values.update(explicit)
     values.update(overrides or {})

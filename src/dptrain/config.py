@@ -46,7 +46,7 @@ BOUNDS = {  # name: (lowest, highest) for the integer settings that have a sensi
     "microbatches": (0, 4096), "sync_every": (1, 1_000_000),
     "nnodes": (1, 4096), "node_rank": (0, 4095), "max_restarts": (0, 1000),
     "accum": (1, 65536), "batch_size": (1, 1 << 24), "eval_batch_size": (1, 1 << 24),
-    "keep_ckpts": (1, 10_000), "epochs": (1, 1_000_000), "profile": (0, 10_000),
+    "keep_ckpts": (1, 10_000), "profile": (0, 10_000),
 }
 
 
@@ -122,7 +122,8 @@ class TrainConfig:
     keep_global_batch: bool = _opt(False, "resuming with another number of processes: pick "
                                    "the --batch-size/--accum that keep the global batch")
     # --- optimisation
-    epochs: int = _opt(1, "passes over the training split")
+    epochs: float = _opt(1.0, "passes over the training split; a fraction trains that share "
+                         "of the last pass (0.85: 85 percent of one epoch)")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no cap)")
     batch_size: int = _opt(64, "samples per process per micro-batch")
     eval_batch_size: int = _opt(1000, "samples per process per evaluation batch")
@@ -201,7 +202,7 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         """Signs, bounds and ranges of the numeric settings."""
-        positive = ("epochs", "batch_size", "eval_batch_size", "accum", "nnodes", "ref_batch",
+        positive = ("batch_size", "eval_batch_size", "accum", "nnodes", "ref_batch",
                     "step_size", "keep_ckpts", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -218,6 +219,8 @@ class TrainConfig:
         if not self.timeout_s <= 7 * 86400:
             raise UsageError(f"--timeout-s {self.timeout_s:g} is more than a week; use at most "
                              "604800")
+        if not 0 < self.epochs <= 1_000_000:
+            raise UsageError(f"--epochs must be positive (at most 1000000), got {self.epochs:g}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not self.timeout_s > 0:

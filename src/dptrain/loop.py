@@ -27,7 +27,14 @@ from dptrain.optim import set_lr
 from dptrain.precision import Precision
 from dptrain.strategies import Strategy
 
-__all__ = ["LoopResult", "Position", "StopRequest", "Stopwatch", "TrainStep", "Trainer"]
+__all__ = ["LoopResult", "Position", "StopRequest", "Stopwatch", "TrainStep", "Trainer",
+           "epoch_steps"]
+
+
+def epoch_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` passes (a fraction trains that share of the last pass,
+    rounded up: at least one step). ``epoch_steps(0.85, 468) == 398``."""
+    return max(1, math.ceil(round(epochs * steps_per_epoch, 6)))
 
 
 @dataclass

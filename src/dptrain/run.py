@@ -25,7 +25,7 @@ from dptrain.data.datasets import Splits, load_splits
 from dptrain.data.loader import DatasetLoader, Normalizer, ShardedLoader
 from dptrain.errors import UsageError
 from dptrain.evaluation import evaluate
-from dptrain.loop import LoopResult, Position, StopRequest, Trainer, TrainStep
+from dptrain.loop import LoopResult, Position, StopRequest, Trainer, TrainStep, epoch_steps
 from dptrain.metrics import Reporter, build_summary, setup_logging
 from dptrain.models import build_model, has_batchnorm
 from dptrain.objective import Objective
@@ -111,7 +111,7 @@ class Run:
         loader = strategy.attach_loader(self.build_loader(splits))
         self.splits, self.loader = splits, loader
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
-        total = cfg.epochs * loader.steps_per_epoch
+        total = epoch_steps(cfg.epochs, loader.steps_per_epoch)
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         self.check_checkpoint(found, model, total, loader.steps_per_epoch)
         if cfg.target_accuracy and self.objective.task == "regression":

@@ -151,7 +151,7 @@ CASES = [
     Case("flag-batch-size-zero", lambda w: ["train", "--batch-size", "0"],
          ("--batch-size must be at least 1, got 0",)),
     Case("flag-epochs-negative", lambda w: ["train", "--epochs", "-1"],
-         ("--epochs must be at least 1, got -1",)),
+         ("--epochs must be positive (at most 1000000), got -1",)),
     Case("flag-lr-nan", lambda w: ["train", "--lr", "nan"],
          ("--lr must be a finite number, got nan",)),
     Case("flag-lr-negative", lambda w: ["train", "--lr", "-0.1"],
