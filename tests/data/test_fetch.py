@@ -115,6 +115,26 @@ def test_local_md5_mismatch_is_an_error_and_file_kept(tmp_path, monkeypatch):
     assert _snapshot(raw) == before  # the user's (bad) file is not replaced behind their back
 
 
+def test_a_verified_unchanged_file_is_not_hashed_again_a_changed_one_is(tmp_path, monkeypatch):
+    arrays = _synthetic()
+    _expect(monkeypatch, "mnist", arrays)
+    raw = tmp_path / "MNIST" / "raw"
+    _place(raw, arrays)
+    hashed = []
+    real = F.md5_hex
+    monkeypatch.setattr(F, "md5_hex", lambda data: hashed.append(len(data)) or real(data))
+    F.ensure_dataset("mnist", tmp_path, log=lambda _: None)
+    assert len(hashed) == 4
+    F.ensure_dataset("mnist", tmp_path, log=lambda _: None)  # the loader's check: no re-read
+    assert len(hashed) == 4
+    bad = arrays["train-labels-idx1-ubyte"].copy()
+    bad[0] = (bad[0] + 1) % 10
+    write_idx(raw / "train-labels-idx1-ubyte", bad)  # changed since: verified again, refused
+    with pytest.raises(UsageError, match="md5 of its uncompressed content"):
+        F.ensure_dataset("mnist", tmp_path, log=lambda _: None)
+    assert len(hashed) == 5
+
+
 def test_real_md5_table_rejects_synthetic_files(tmp_path):
     # With the real canonical table, a small synthetic file cannot pass as MNIST.
     raw = tmp_path / "MNIST" / "raw"
