@@ -4,16 +4,22 @@ Part 1 -- time to 99 %, end to end from the command's start (interpreter start, 
 training, evaluation), each in a fresh process:
 
 * dptrain: ``python -m dptrain train --recipe mnist-fast --seed S`` for every seed (the recipe
-  trains one epoch and evaluates the whole test split at its end);
+  trains 400 steps of batch 128 and evaluates the whole test split at its end); the wall time
+  runs to the process's exit, a little past the summary line;
+* with ``--baseline-src DIR`` (the ``src`` of an earlier checkout, e.g. ``git worktree add
+  /tmp/dptrain-before 0e6df64``), the same command from that code, alternating with this one
+  seed by seed: before/after in one run on one machine state;
 * the classic PyTorch MNIST example (conv32-conv64-fc128 + dropout, Adadelta lr 1.0, StepLR
   0.7, batch 64, per-sample DataLoader), evaluated after each epoch and stopped at the first
   epoch reaching 99 %: ``python -m dptrain.bench.baseline classic --stop-at-target``.
 
-Part 2 -- throughput at batch 64 for ``linear`` and ``convnet`` (one process, all cores), as a
-fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per sample
-(forward + two backward matmuls), against the peak measured here with a large fp32 matmul.
+Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` and ``convnet --channels-last``
+(one process, all cores), as a fraction of the roofline: achieved FLOP/s = samples/s x 3 x
+forward FLOPs per sample (forward + two backward matmuls), against the best fp32 matmul rate
+measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses).
 
-    python benchmarks/speed.py --data-root /tmp/mnistdata --seeds 5
+    python benchmarks/speed.py --data-root /tmp/mnistdata --seeds 5 \
+        [--baseline-src /tmp/dptrain-before/src] [--skip-classic]
 """
 
 from __future__ import annotations
@@ -45,20 +51,51 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     return elapsed, r
 
 
+def recipe_run(root: str, seed: int, extra: list[str], work: Path, src: str | None = None,
+               label: str = "mnist-fast") -> dict:
+    """One fresh ``dptrain train --recipe mnist-fast`` process; ``src``: run that checkout's
+    code instead of this one's."""
+    out = work / f"recipe-{seed}-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "dptrain", "train", "--recipe", "mnist-fast", "--seed",
+           str(seed), "--data-root", root, "--quiet", "--out", str(out), *extra]
+    if src:
+        cmd = ["env", f"PYTHONPATH={src}", *cmd]
+    wall, _ = timed(cmd)
+    s = json.loads((out / "summary.json").read_text())
+    print(f"  {label} seed {seed}: {s['test_accuracy']:.4f} in {wall:.1f} s "
+          f"(world {s['world_size']}, {s['steps']} steps, precision {s['precision']})",
+          flush=True)
+    return {"seed": seed, "wall_s": wall, "test_accuracy": s["test_accuracy"],
+            "train_time_s": s["train_time_s"], "samples_per_s": s["train_samples_per_s"],
+            "world_size": s["world_size"], "steps": s["steps"], "precision": s["precision"],
+            "summary_wall_s": s.get("wall_time_s")}
+
+
 def recipe_runs(root: str, seeds: list[int], extra: list[str], work: Path) -> list[dict]:
-    runs = []
+    return [recipe_run(root, seed, extra, work) for seed in seeds]
+
+
+def before_after(root: str, seeds: list[int], work: Path, src: str) -> dict[str, Any]:
+    """This code and the checkout at ``src``, alternating seed by seed (the order swaps every
+    seed, so that drift falls on both)."""
+    after, before = [], []
     for seed in seeds:
-        out = work / f"recipe-{seed}-{time.monotonic_ns()}"
-        wall, _ = timed([sys.executable, "-m", "dptrain", "train", "--recipe", "mnist-fast",
-                         "--seed", str(seed), "--data-root", root, "--quiet", "--out", str(out),
-                         *extra])
-        s = json.loads((out / "summary.json").read_text())
-        runs.append({"seed": seed, "wall_s": wall, "test_accuracy": s["test_accuracy"],
-                     "train_time_s": s["train_time_s"], "samples_per_s": s["train_samples_per_s"],
-                     "world_size": s["world_size"]})
-        print(f"  mnist-fast seed {seed}: {s['test_accuracy']:.4f} in {wall:.1f} s "
-              f"(world {s['world_size']})", flush=True)
-    return runs
+        pair = [("after", None), ("before", src)]
+        for label, where in (pair if seed % 2 == 0 else pair[::-1]):
+            run = recipe_run(root, seed, [], work, where, label=f"{label:6s}")
+            (after if label == "after" else before).append(run)
+    ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(after, before, strict=True)]
+    print(f"  before/after wall time: median {statistics.median(ratios):.2f}x", flush=True)
+    return {"baseline_src": src, "baseline_commit": _commit(src), "after": after,
+            "before": before, "wall_ratio_before_over_after": ratios,
+            "wall_ratio_median": statistics.median(ratios),
+            "before_wall_s_median": statistics.median(r["wall_s"] for r in before),
+            "after_wall_s_median": statistics.median(r["wall_s"] for r in after)}
+
+
+def _commit(src: str) -> str | None:
+    r = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def classic_run(root: str, max_epochs: int, threads: int) -> dict[str, Any]:
@@ -73,22 +110,21 @@ def classic_run(root: str, max_epochs: int, threads: int) -> dict[str, Any]:
     return result
 
 
-def peak_flops(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
+def peak_flops(threads: int) -> dict[str, Any]:
+    """The best fp32 matmul rate here, as ``dptrain.hardware`` measures it for MFU (uncached:
+    measured now, in the machine state of this run)."""
+    from dptrain import hardware
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0, count = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t0)
+    return hardware.measure_matmul("fp32", seconds=3.0)
 
 
-def throughput(root: str, model: str, steps: int, threads: int, work: Path) -> float:
+def throughput(root: str, model: str, steps: int, threads: int, work: Path,
+               extra: tuple[str, ...] = ()) -> float:
     out = work / f"tp-{model}-{time.monotonic_ns()}"
     timed([sys.executable, "-m", "dptrain", "train", "--model", model, "--batch-size", "64",
            "--max-steps", str(steps), "--threads", str(threads), "--data-root", root,
-           "--quiet", "--no-eval-every-epoch", "--out", str(out)])
+           "--quiet", "--no-eval-every-epoch", "--out", str(out), *extra])
     return json.loads((out / "summary.json").read_text())["train_samples_per_s"]
 
 
@@ -99,6 +135,9 @@ def main() -> int:
     p.add_argument("--classic-epochs", type=int, default=4,
                    help="give up on the classic example after this many epochs")
     p.add_argument("--skip-classic", action="store_true")
+    p.add_argument("--baseline-src", default=None,
+                   help="src/ of an earlier checkout to time alternately with this one")
+    p.add_argument("--skip-ddp", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--derive-only", action="store_true",
@@ -108,7 +147,12 @@ def main() -> int:
         write(json.loads(Path(args.out).read_text()), Path(args.out))
         return 0
     threads = args.threads or usable_cores()
+    from dptrain import hardware
+    from dptrain.recipes import precision_choice
+
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(sys.argv)}
+    result["isa"] = {**hardware.cpu_info().to_dict(), "native_bf16": hardware.native_bf16(),
+                     "recipe_precision": list(precision_choice())}
     with tempfile.TemporaryDirectory(prefix="dptrain-speed-") as tmp:
         work = Path(tmp)
         print("time to 99 %:", flush=True)
@@ -120,23 +164,34 @@ def main() -> int:
             "targets_met": {"every_seed_ge_0.989": min(accs) >= 0.989,
                             "mean_ge_0.990": statistics.mean(accs) >= 0.990},
         }
-        ddp = recipe_runs(args.data_root, [0, 1], ["--nproc", "2", "--batch-size", "64"], work)
-        result["recipe_ddp2"] = {"runs": ddp, "wall_s": mean_std([r["wall_s"] for r in ddp])}
+        if args.baseline_src:
+            print("before/after (alternating):", flush=True)
+            result["before_after"] = before_after(args.data_root, list(range(args.seeds)),
+                                                  work, args.baseline_src)
+        if not args.skip_ddp:
+            ddp = recipe_runs(args.data_root, [0, 1], ["--nproc", "2", "--batch-size", "64"],
+                              work)
+            result["recipe_ddp2"] = {"runs": ddp, "wall_s": mean_std([r["wall_s"] for r in ddp])}
         if not args.skip_classic:
             result["classic"] = classic_run(args.data_root, args.classic_epochs, threads)
         print("throughput vs roofline (batch 64, one process):", flush=True)
-        peak = peak_flops(threads)
+        measured = peak_flops(threads)
+        peak = measured["flops"]
         rows = {}
-        for model, steps in (("linear", 900), ("convnet", 300)):
-            sps = throughput(args.data_root, model, steps, threads, work)
+        for name, model, steps, extra in (("linear", "linear", 900, ()),
+                                          ("convnet", "convnet", 300, ()),
+                                          ("convnet --channels-last", "convnet", 300,
+                                           ("--channels-last",))):
+            sps = throughput(args.data_root, model, steps, threads, work, extra)
             fwd = flops_per_sample(build_model(model))
             achieved = sps * 3 * fwd
-            rows[model] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
-                           "achieved_flops": achieved, "fraction_of_peak": achieved / peak}
-            print(f"  {model}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
+            rows[name] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
+                          "achieved_flops": achieved, "fraction_of_peak": achieved / peak}
+            print(f"  {name}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
                   f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak",
                   flush=True)
-        result["roofline"] = {"peak_matmul_flops": peak, "threads": threads, "models": rows}
+        result["roofline"] = {"peak_matmul_flops": peak, "peak_measurement": measured,
+                              "threads": threads, "models": rows}
     write(result, Path(args.out))
     return 0
 
