@@ -3,6 +3,8 @@
 The convnet, batch 64 per process, ONE intra-op thread per process, the same number of
 optimizer steps (``--max-steps``) in every run, each run a fresh ``dptrain train``:
 
+* ``ddp1``:    1 DDP process (``--strategy ddp --nproc 1 --threads 1``): DDP's own per-step
+  work (reducer, autograd hooks, launcher) without a peer; the base of the prediction;
 * ``single``:  1 process (``--strategy single --nproc 1 --threads 1``);
 * ``ddp2``:    2 DDP processes (``--strategy ddp --nproc 2 --threads 1``), gradients through
   shared memory (the default on one node, ``--cpu-allreduce auto``);
@@ -10,11 +12,14 @@ optimizer steps (``--max-steps``) in every run, each run a fresh ``dptrain train
   what PyTorch's DDP does on CPU by itself;
 * ``ceiling``: 2 independent single processes started together, no communication: the sum of
   their samples/s is what 2 processes can do on this machine with perfect communication.
+  Started together, one often trains while the other still imports and loads, so the script
+  also reports ``ceiling_concurrent``: their samples/s over the window in which both were
+  training (cut on their ``metrics.jsonl`` records, every ``LOG_EVERY`` = 10 steps in all runs).
 
 The figure of each run is ``train_samples_per_s`` from ``summary.json`` (global, warm-up step
 excluded, evaluation excluded).
 
-Rounds (``--repeats``): each round runs the four configurations back to back, in the order
+Rounds (``--repeats``): each round runs the five configurations back to back, in the order
 above on even rounds and reversed on odd ones (ABBA: ``ddp2`` always sits between ``single``
 and ``ceiling``, and a drift of the machine falls on both sides alike). The headline figures
 are per-round ratios (2-DDP / ceiling, 2-DDP / 1-process, for both all-reduce paths) and their
@@ -25,11 +30,15 @@ Prediction: each round also predicts the 2-process DDP samples/s with dptrain's 
 (:mod:`dptrain.bench.predict`: ``contention_factor`` + ``scaling_table``) from what was
 measured WITHOUT running 2-process DDP training:
 
-* the 1-process run: its step time ``batch / samples_per_s`` (data gather, forward, backward and
-  optimizer: ``dptrain train`` does not split them; with one gradient bucket the split does not
-  change the prediction);
+* the 1-process DDP run (``ddp1``; ``dptrain bench`` too bases its predictions on DDP at one
+  process): its step time ``batch / samples_per_s`` (data gather, forward, backward, DDP's
+  hooks and optimizer: ``dptrain train`` does not split them; with one gradient bucket the
+  split does not change the prediction). The prediction from the plain ``single`` run instead
+  is saved beside it (``from_single``): it misses DDP's per-step work;
 * the ceiling run: how two processes contend for the cores, the contention factor
-  ``k(2) = (2 batch / ceiling samples_per_s) / (batch / 1-process samples_per_s)``;
+  ``k(2) = (2 batch / ceiling samples_per_s) / (batch / single samples_per_s)``, with the
+  ceiling's common-window rate (``ceiling_concurrent``; the whole-run sum if that window is
+  under 1 s);
 * an all-reduce sweep among 2 fresh processes with ``dptrain.bench.comm.comm_worker`` (what
   ``dptrain bench`` runs: one all-reduce of each size timed after a barrier, slowest rank,
   median of ``--comm-iters``) over the shared-memory path and over gloo, fitted with
@@ -61,18 +70,22 @@ from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_qui
 from dptrain.bench import predict as P
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = ("single", "ddp2", "ceiling", "ddp2_gloo")
+CONFIGS = ("ddp1", "single", "ddp2", "ceiling", "ddp2_gloo")
 COMM_PATHS = {"ddp2": "auto", "ddp2_gloo": "gloo"}  # the --cpu-allreduce of each DDP config
 BUCKET_CAP_MB = 25.0  # dptrain train's default --bucket-cap-mb
 TARGET_OF_CEILING = 0.95
 TARGET_ERROR_PCT = 10.0
 TARGET_SPEEDUP = 1.7
+LOG_EVERY = 10  # steps between metrics.jsonl records: the ceiling's common window is cut on them
 RATIOS = {  # name -> (numerator, denominator)
     "ddp2_over_ceiling": ("ddp2", "ceiling"),
     "ddp2_over_single": ("ddp2", "single"),
     "ddp2_gloo_over_ceiling": ("ddp2_gloo", "ceiling"),
     "ddp2_gloo_over_single": ("ddp2_gloo", "single"),
     "ceiling_over_single": ("ceiling", "single"),
+    # against the ceiling's common window (both processes training): see concurrent_rate
+    "ddp2_over_ceiling_concurrent": ("ddp2", "ceiling_concurrent"),
+    "ceiling_concurrent_over_single": ("ceiling_concurrent", "single"),
 }
 
 
@@ -96,23 +109,67 @@ def round_ratios(sps: dict[str, float]) -> dict[str, float]:
     return {name: sps[a] / sps[b] for name, (a, b) in RATIOS.items() if a in sps and b in sps}
 
 
-def predict_ddp2(*, single_sps: float, ceiling_sps: float, batch: int, grad_bytes: int,
-                 fit: P.Fit, bucket_cap_mb: float = BUCKET_CAP_MB) -> dict[str, Any]:
-    """dptrain's prediction of 2-process DDP samples/s from the 1-process run, the ceiling and
-    an all-reduce cost fit (nothing from a 2-process DDP training run)."""
-    step1 = batch / single_sps  # one process alone: all of its step (data included)
+def predict_ddp2(*, base_sps: float, single_sps: float, ceiling_sps: float, batch: int,
+                 grad_bytes: int, fit: P.Fit, bucket_cap_mb: float = BUCKET_CAP_MB
+                 ) -> dict[str, Any]:
+    """dptrain's prediction of 2-process DDP samples/s (nothing from a 2-process DDP run).
+
+    ``base_sps``: the 1-process run the step time comes from (``dptrain bench`` bases its
+    predictions on 1-process DDP, which carries DDP's own per-step work); ``single_sps`` and
+    ``ceiling_sps``: one plain process alone and two together, for the contention factor;
+    ``fit``: the all-reduce cost.
+    """
+    step1 = batch / base_sps  # one process: all of its step (data included)
+    step_single = batch / single_sps
     step_ceiling = 2 * batch / ceiling_sps  # per process, two processes without communication
-    measured_k = {2: step_ceiling / step1}
+    measured_k = {2: step_ceiling / step_single}
     rows = P.scaling_table(
         compute_s=step1, data_s=0.0, batch=batch, grad_bytes=grad_bytes,
         bucket_cap_mb=bucket_cap_mb, cost=fit.time,
         contention=lambda n: P.contention_factor(n, measured_k, cpu=True), ns=(2,))
     row = rows[0]
     return {"predicted_samples_per_s": row["samples_per_s"], "predicted_step_s": row["step_s"],
-            "step_1proc_s": step1, "step_ceiling_per_proc_s": step_ceiling,
+            "step_1proc_s": step1, "step_single_s": step_single,
+            "step_ceiling_per_proc_s": step_ceiling,
             "contention_factor": measured_k[2], "comm_exposed_s": row["comm_exposed_s"],
             "allreduce_s": fit.time(grad_bytes, 2), "buckets": row["buckets"],
             "grad_bytes": grad_bytes, "fit": fit.to_dict()}
+
+
+def concurrent_rate(logs: Sequence[Sequence[Sequence[float]]], batch: int,
+                    min_window_s: float = 1.0) -> dict[str, Any] | None:
+    """Samples/s of independent processes over the window in which ALL of them were training.
+
+    ``logs``: per process, ``[time, step]`` records in time order. Each process's steps in the
+    common window ``[latest first record, earliest last record]`` are interpolated linearly
+    between its records; its rate is those steps x ``batch`` / the window. Starting together,
+    one process often trains while the other is still importing and loading (which takes a
+    core too), so the whole-run sum mixes in time when they did not contend as in DDP.
+    ``None`` if the common window is shorter than ``min_window_s``.
+    """
+    if any(len(log) < 2 for log in logs):
+        return None
+    start = max(log[0][0] for log in logs)
+    end = min(log[-1][0] for log in logs)
+    if end - start < min_window_s:
+        return None
+
+    def step_at(log: Sequence[Sequence[float]], t: float) -> float:
+        for (t0, s0), (t1, s1) in zip(log, log[1:], strict=False):
+            if t0 <= t <= t1:
+                return s0 + (s1 - s0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+        raise AssertionError("t outside the log")
+
+    rates = [batch * (step_at(log, end) - step_at(log, start)) / (end - start) for log in logs]
+    return {"samples_per_s": sum(rates), "per_process": rates, "window_s": end - start}
+
+
+def ceiling_for_prediction(run: dict[str, Any]) -> tuple[float, str]:
+    """The ceiling samples/s the prediction uses: the common-window rate where there is one."""
+    both = run.get("concurrent")
+    if both:
+        return both["samples_per_s"], "concurrent window"
+    return run["samples_per_s"], "whole runs (no common window of 1 s)"
 
 
 def check(value: float | None, ok: bool) -> str:
@@ -126,7 +183,8 @@ def train_cmd(args: argparse.Namespace, out: Path, *extra: str) -> list[str]:
         "--dataset", args.dataset, "--data-root", args.data_root,
         "--model", args.model, "--batch-size", str(args.batch_size),
         "--max-steps", str(args.max_steps), "--epochs", "1000", "--lr", "0.01",
-        "--threads", "1", "--quiet", "--out", str(out), *extra,
+        "--threads", "1", "--log-every", str(LOG_EVERY), "--quiet", "--out", str(out),
+        *extra,
     ]  # fmt: skip
 
 
@@ -135,7 +193,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit(f"error: dptrain train failed ({proc.returncode}):\n{stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    window = _train_window(out)
+    log = _train_log(out)
     return {
         "samples_per_s": summary["train_samples_per_s"],
         "train_time_s": summary.get("train_time_s"),
@@ -144,18 +202,19 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
         "allreduce": summary.get("allreduce"),
         "grad_bytes": summary.get("grad_bytes"),
         "test_accuracy": summary["test_accuracy"],
-        "window": window,
+        "window": [log[0][0], log[-1][0]] if len(log) >= 2 else None,
+        "log": log,
     }
 
 
-def _train_window(out: Path) -> list[float] | None:
-    """Wall-clock times of the first and last logged training step (from metrics.jsonl)."""
-    times = []
+def _train_log(out: Path) -> list[list[float]]:
+    """``[time, step]`` of every logged training step (from metrics.jsonl)."""
+    log = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "loss" in record and "time" in record:
-            times.append(record["time"])
-    return [times[0], times[-1]] if len(times) >= 2 else None
+            log.append([record["time"], record["step"]])
+    return log
 
 
 def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -164,6 +223,13 @@ def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         out = workdir / f"single-{stamp}"
         proc = subprocess.Popen(
             train_cmd(args, out, "--strategy", "single", "--nproc", "1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        return _finish(proc, out)
+    if name == "ddp1":
+        out = workdir / f"ddp1-{stamp}"
+        proc = subprocess.Popen(
+            train_cmd(args, out, "--strategy", "ddp", "--nproc", "1"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         return _finish(proc, out)
@@ -190,11 +256,14 @@ def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     if all(windows):
         (a0, a1), (b0, b1) = windows
         overlap = max(0.0, min(a1, b1) - max(a0, b0)) / max(a1 - a0, b1 - b0)
+    both = concurrent_rate([p["log"] for p in parts], args.batch_size)
     return {
         "samples_per_s": sum(p["samples_per_s"] for p in parts),
         "parts": parts,
         # fraction of the longer training window during which both processes were training
         "overlap": overlap,
+        # samples/s of the two together over the window in which both were training
+        "concurrent": both,
     }
 
 
@@ -295,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                     what = f"{res['samples_per_s']:>9,.0f} samples/s"
                     if res.get("overlap") is not None:
                         what += f"  overlap {res['overlap']:.2f}"
+                    if res.get("concurrent"):
+                        what += (f"  both training: {res['concurrent']['samples_per_s']:,.0f}"
+                                 f" over {res['concurrent']['window_s']:.1f} s")
                 print(
                     f"  round {r + 1}/{args.repeats} {step:14s} {what}  "
                     f"(others: {_pct(res['cpu_busy_before'])} before, "
@@ -302,12 +374,24 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             sps = {name: here[name]["samples_per_s"] for name in CONFIGS}
+            if here["ceiling"].get("concurrent"):
+                sps["ceiling_concurrent"] = here["ceiling"]["concurrent"]["samples_per_s"]
             rnd: dict[str, Any] = {"round": r, "order": steps, "samples_per_s": sps,
                                    "ratios": round_ratios(sps), "prediction": {}}
+            ceiling_sps, ceiling_source = ceiling_for_prediction(here["ceiling"])
             for cfg in COMM_PATHS:
-                pred = predict_ddp2(single_sps=sps["single"], ceiling_sps=sps["ceiling"],
-                                    batch=args.batch_size, grad_bytes=grad_bytes,
-                                    fit=P.Fit(**here[f"comm:{cfg}"]["fit"]))
+                fit = P.Fit(**here[f"comm:{cfg}"]["fit"])
+                common = dict(single_sps=sps["single"], ceiling_sps=ceiling_sps,
+                              batch=args.batch_size, grad_bytes=grad_bytes, fit=fit)
+                pred = predict_ddp2(base_sps=sps["ddp1"], **common)
+                pred["base"] = "ddp1"
+                # the same from the plain 1-process run: misses DDP's own per-step work
+                alt = predict_ddp2(base_sps=sps["single"], **common)
+                pred["from_single"] = {
+                    "predicted_samples_per_s": alt["predicted_samples_per_s"],
+                    "error_pct": P.prediction_error(alt["predicted_samples_per_s"], sps[cfg])}
+                pred["ceiling_samples_per_s"] = ceiling_sps
+                pred["ceiling_source"] = ceiling_source
                 pred["allreduce_path"] = here[f"comm:{cfg}"]["allreduce"]
                 pred["measured_samples_per_s"] = sps[cfg]
                 pred["error_pct"] = P.prediction_error(pred["predicted_samples_per_s"], sps[cfg])
@@ -324,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     stats = {k: mean_std([x["samples_per_s"] for x in v]) for k, v in runs.items()}
     for k, v in runs.items():
         stats[k]["median"] = statistics.median(x["samples_per_s"] for x in v)
-    ratios = {name: spread([rnd["ratios"][name] for rnd in rounds]) for name in RATIOS}
+    ratios = {name: spread([rnd["ratios"][name] for rnd in rounds if name in rnd["ratios"]])
+              for name in RATIOS}
     errors = {cfg: spread([rnd["prediction"][cfg]["error_pct"] for rnd in rounds])
               for cfg in COMM_PATHS}
+    errors_single = {cfg: spread([rnd["prediction"][cfg]["from_single"]["error_pct"]
+                                  for rnd in rounds]) for cfg in COMM_PATHS}
     of_ceiling = ratios["ddp2_over_ceiling"]["median"]
     speedup = ratios["ddp2_over_single"]["median"]
     err = errors["ddp2"]["median"]
@@ -347,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads_per_process": 1,
             "max_steps": args.max_steps,
             "rounds": args.repeats,
-            "order": "each round: the all-reduce sweeps (shm, gloo), then single, ddp2, "
+            "order": "each round: the all-reduce sweeps (shm, gloo), then ddp1, single, ddp2, "
                      "ceiling, ddp2_gloo on even rounds and the reverse on odd rounds",
             "backend": "gloo",
             "bucket_cap_mb": BUCKET_CAP_MB,
@@ -365,20 +452,28 @@ def main(argv: list[str] | None = None) -> int:
             "ddp2_gloo_over_ceiling": ratios["ddp2_gloo_over_ceiling"],
             "ddp2_gloo_over_single": ratios["ddp2_gloo_over_single"],
             "ceiling_over_single": ratios["ceiling_over_single"],
+            "ddp2_over_ceiling_concurrent": ratios["ddp2_over_ceiling_concurrent"],
+            "ceiling_concurrent_over_single": ratios["ceiling_concurrent_over_single"],
             "prediction_error_pct": errors,
+            "prediction_error_pct_from_single_instead_of_ddp1": errors_single,
             "targets": targets,
         },
         "prediction_inputs": (
             "per round, with dptrain.bench.predict (contention_factor, scaling_table, "
-            "fit_cost_model); no 2-process DDP training run is used: (1) the 1-process run's "
-            "step time batch / samples_per_s (data, forward, backward, optimizer together; "
-            "data_s = 0); (2) the ceiling run's per-process step time 2 batch / "
-            "samples_per_s, giving the contention factor k(2) = ceiling step / 1-process "
-            "step; (3) the all-reduce cost of the gradient (one DDP bucket of grad_bytes) "
+            "fit_cost_model); no 2-process DDP training run is used: (1) the 1-process DDP "
+            "run's (ddp1: --strategy ddp --nproc 1, as dptrain bench bases its predictions "
+            "on ddp at 1 process) step time batch / samples_per_s (data, forward, backward, "
+            "DDP's reducer and hooks, optimizer together; data_s = 0); (2) the contention "
+            "factor k(2) = ceiling per-process step / plain 1-process (single) step, the "
+            "ceiling's per-process step time being 2 batch / "
+            "samples_per_s, with samples_per_s taken over the window in which both "
+            "independent processes were training (ceiling.concurrent; the whole-run sum where "
+            "that window is under 1 s), giving the contention factor k(2) = ceiling step / "
+            "1-process step; (3) the all-reduce cost of the gradient (one DDP bucket of grad_bytes) "
             "from an alpha-beta fit to an all-reduce sweep between 2 fresh processes "
             "(dptrain.bench.comm.comm_worker, as dptrain bench measures it: barrier, slowest "
             "rank, median of comm_iters), over shared memory for ddp2 and gloo for "
-            "ddp2_gloo. Predicted step = k(2) x 1-process step + exposed all-reduce (all of "
+            "ddp2_gloo. Predicted step = k(2) x ddp1 step + exposed all-reduce (all of "
             "it: one bucket); predicted samples/s = 2 batch / step. Error = 100 (predicted - "
             "measured) / measured."),
         "prediction_assumptions": P.describe_assumptions(),
@@ -397,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({info['cores']} cores)"
     )
     labels = {
+        "ddp1": "1 DDP process",
         "single": "1 process",
         "ddp2": "2 DDP processes (shared memory)",
         "ceiling": "2 independent processes (ceiling)",
@@ -409,11 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     print("per-round ratios, median (min-max):")
     for name in RATIOS:
         s = ratios[name]
-        print(f"  {name:<24}{s['median']:>7.3f}  ({s['min']:.3f}-{s['max']:.3f})")
+        if s["n"]:
+            print(f"  {name:<31}{s['median']:>7.3f}  ({s['min']:.3f}-{s['max']:.3f}, "
+                  f"{s['n']} rounds)")
     for cfg in COMM_PATHS:
         s = errors[cfg]
+        a = errors_single[cfg]
         print(f"  prediction error {cfg:<9} median {s['median']:+6.1f} %  "
-              f"({s['min']:+.1f} to {s['max']:+.1f} %)")
+              f"({s['min']:+.1f} to {s['max']:+.1f} %); based on the plain process instead "
+              f"of 1-process DDP: {a['median']:+.1f} %")
     print(f"targets: DDP/ceiling >= {TARGET_OF_CEILING}: "
           f"{check(of_ceiling, targets['ddp2_over_ceiling_met'])}; "
           f"DDP/1-proc >= {TARGET_SPEEDUP}x: {check(speedup, targets['speedup_met'])}; "
