@@ -1,0 +1,147 @@
+"""What synchronous training costs on this machine, communication aside.
+
+Two processes train the DDP tutorial's convnet (batch 64, one intra-op thread each, a fixed
+synthetic batch: no data loading) side by side, four ways, rotating the order every round:
+
+* ``none``: independent, no process group (the no-communication ceiling);
+* ``sync``: a gloo all-reduce of one float after every backward (synchronisation only: each
+  step waits for the slower process);
+* ``ddp_gloo``: PyTorch's DistributedDataParallel with gloo's all-reduce of the gradients;
+* ``ddp_shm``: the same with dptrain's shared-memory all-reduce hook (what ``dptrain train
+  --strategy ddp`` uses on one CPU node).
+
+The figure per mode is the global samples/s (sum over the two processes of 64 / step time);
+the headline is the median over rounds of each mode's ratio to ``none`` in the same round.
+If ``ddp_shm`` matches ``sync``, what separates DDP from the ceiling is waiting for the slower
+process at every step (per-step jitter), not the all-reduce.
+
+    python benchmarks/sync_cost.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODES = ("none", "sync", "ddp_gloo", "ddp_shm")
+WARMUP = 30
+
+
+def worker(rank: int, mode: str, port: int, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dptrain.models import build_model
+    from dptrain.strategies import shm
+
+    torch.set_num_threads(1)
+    if mode != "none":
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2)
+    torch.manual_seed(0)
+    model = build_model("convnet")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if mode.startswith("ddp"):
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25.0,
+                                                          broadcast_buffers=False)
+    if mode == "ddp_shm":
+        def broadcast(obj: Any) -> Any:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        def gather(obj: Any) -> list[Any]:
+            out: list[Any] = [None, None]
+            dist.all_gather_object(out, obj)
+            return out
+
+        state, _ = shm.connect(rank, 2, 60.0, None, required=True, broadcast=broadcast,
+                               gather=gather)
+        model.register_comm_hook(state, shm.allreduce_hook)
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    one = torch.zeros(1)
+    for i in range(WARMUP + steps):
+        if i == WARMUP:
+            t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if mode == "sync":
+            dist.all_reduce(one)
+        opt.step()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    print(json.dumps({"rank": rank, "mode": mode, "step_ms": ms}), flush=True)
+    # no destroy_process_group: tearing down gloo under DDP once hung both ranks here
+    os._exit(0)
+
+
+def run_mode(mode: str, steps: int) -> dict[str, Any]:
+    from dptrain.dist import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), mode, str(port),
+                               str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for r in range(2)]
+    ranks = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise SystemExit(f"{mode}: a worker failed ({p.returncode}):\n{err[-2000:]}")
+        ranks.append(json.loads(out.strip().splitlines()[-1]))
+    step_ms = [r["step_ms"] for r in sorted(ranks, key=lambda r: r["rank"])]
+    return {"mode": mode, "step_ms": step_ms, "samples_per_s": sum(64e3 / t for t in step_ms)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--wait-quiet", type=float, default=60.0)
+    p.add_argument("--out", default=str(HERE / "results" / "sync_cost.json"))
+    args = p.parse_args(argv)
+    from dptrain.bench import machine_info, wait_for_quiet
+
+    rounds = []
+    for r in range(args.rounds):
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        busy = wait_for_quiet(args.wait_quiet)
+        runs = {m: run_mode(m, args.steps) for m in order}
+        base = runs["none"]["samples_per_s"]
+        ratios = {m: runs[m]["samples_per_s"] / base for m in MODES}
+        rounds.append({"order": list(order), "cpu_busy_before": busy, "runs": runs,
+                       "ratio_to_none": ratios})
+        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
+            f"{m} {runs[m]['samples_per_s']:,.0f} ({ratios[m]:.3f})" for m in MODES), flush=True)
+    headline = {m: {"median": statistics.median(x["ratio_to_none"][m] for x in rounds),
+                    "min": min(x["ratio_to_none"][m] for x in rounds),
+                    "max": max(x["ratio_to_none"][m] for x in rounds)} for m in MODES}
+    result = {"benchmark": "sync_cost", "machine": machine_info(sys.argv),
+              "config": {"model": "convnet", "batch_per_process": 64, "threads_per_process": 1,
+                         "steps": args.steps, "warmup_steps": WARMUP, "rounds": args.rounds,
+                         "data": "one fixed synthetic batch per process"},
+              "rounds": rounds, "ratio_to_none_median": headline}
+    for m in MODES[1:]:
+        h = headline[m]
+        print(f"{m:9s} / none: median {h['median']:.3f} ({h['min']:.3f}-{h['max']:.3f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        raise SystemExit(0)
+    raise SystemExit(main())
