@@ -52,3 +52,25 @@ def test_python_m_dptrain_exit_statuses(tmp_path):
                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 2 and bad.stderr.startswith("error: --lr must be positive")
     assert not (tmp_path / "r").exists()
+
+
+def test_under_a_profiler_the_exit_is_normal_and_the_profile_is_written(tmp_path):
+    prof = tmp_path / "p.out"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "dptrain",
+                           "train", "--lr", "-1", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert proc.stderr.startswith("error: --lr must be positive")  # (cProfile drops the status)
+    assert prof.stat().st_size > 0  # cProfile writes after the module returns
+
+
+def test_dptrain_run_keeps_the_teardown_for_the_user_s_open_files(tmp_path):
+    # a user's script that never closes its file: the normal teardown flushes it
+    out = tmp_path / "out.txt"
+    script = tmp_path / "user.py"
+    script.write_text(f"import torch\nf = open({str(out)!r}, 'w')\nf.write('result line\\n')\n")
+    proc = subprocess.run([sys.executable, "-m", "dptrain", "run", str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "result line\n"

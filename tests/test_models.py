@@ -103,3 +103,18 @@ def test_model_arg_flags_append_and_replay(tmp_path, tiny):
     assert bad.stderr.startswith("error: --model-arg widht:") and "sized_mlp(hidden" in bad.stderr
     commas = run_cli("train", *tiny, "--model-arg", "a=1,b=2")
     assert commas.returncode == 2 and commas.stderr.startswith("error: --model-arg 'a=1,b=2'")
+
+
+def test_an_earlier_fastnet_checkpoint_is_named_and_loads_as_fastnet_v1():
+    from dptrain import checkpoint
+    from dptrain.config import TrainConfig
+    from dptrain.errors import UsageError
+
+    old = build_model("fastnet-v1").state_dict()  # conv-BN-ReLU-pool: BN at index 1
+    with pytest.raises(UsageError, match="earlier layout .* use --model fastnet-v1"):
+        checkpoint._check_tensors(old, "last.pt", build_model("fastnet"),
+                                  TrainConfig(model="fastnet"))
+    checkpoint._check_tensors(old, "last.pt", build_model("fastnet-v1"),
+                              TrainConfig(model="fastnet-v1"))  # fits
+    x = torch.randn(4, 1, 28, 28)
+    assert build_model("fastnet-v1")(x).shape == build_model("fastnet")(x).shape == (4, 10)

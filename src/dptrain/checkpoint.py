@@ -336,7 +336,10 @@ def _check_tensors(saved: dict[str, torch.Tensor], path: str, model: torch.nn.Mo
     if missing or extra:
         what = (f"missing {', '.join(missing[:3])}" if missing else
                 f"unexpected {', '.join(extra[:3])}")
-        raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({what}); {fix}")
+        from dptrain.models import layout_hint
+
+        raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({what}); {fix}"
+                         f"{layout_hint(cfg.model, saved)}")
     for name, t in saved.items():
         mine = own[name]
         if t.shape != mine.shape:

@@ -265,10 +265,22 @@ def split_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
     return rest, local_rank
 
 
+# Commands that run only dptrain's code (and plug-in factories), whose files are all closed
+# when they return. Not ``run``: a user's script may leave a file open for the teardown to
+# flush, and skipping the teardown would lose what it wrote.
+FAST_EXIT_COMMANDS = frozenset({"train", "bench", "verify", "predict", "data", "doctor",
+                                "plot", "slurm"})
+_ran: list[str] = []  # the command main() dispatched (console reads it)
+
+
 def console() -> None:
     """The ``dptrain`` command (console script, ``python -m dptrain``): :func:`main`, then
-    :func:`exit_now`. Library callers and tests call :func:`main`, which only returns."""
-    exit_now(main())
+    :func:`exit_now` after the commands of :data:`FAST_EXIT_COMMANDS`. Library callers and
+    tests call :func:`main`, which only returns."""
+    code = main()
+    if _ran and _ran[-1] in FAST_EXIT_COMMANDS:
+        exit_now(code)
+    raise SystemExit(code)
 
 
 def exit_now(code: int) -> None:
@@ -276,10 +288,12 @@ def exit_now(code: int) -> None:
 
     Once torch is imported, the teardown (freeing every module, tensor and thread pool) takes
     ~0.8 s on this project's 2-core VM after the summary is printed, and does nothing a
-    finished command needs. This runs what a normal exit would that matters -- the ``atexit``
-    handlers (logging, multiprocessing, the loggers' own) and a flush of stdout/stderr -- then
-    ``os._exit``. With torch not imported, or a non-daemon thread still running (its work
-    would be cut short), it exits the normal way.
+    finished dptrain command needs. This runs what a normal exit would that matters -- the
+    ``atexit`` handlers (logging, multiprocessing, the loggers' own) and a flush of
+    stdout/stderr -- then ``os._exit``. It exits the normal way when torch is not imported,
+    when a non-daemon thread is still running (its work would be cut short), under a profiler
+    or tracer (``python -m cProfile -m dptrain ...`` writes its output after this returns), or
+    with ``DPTRAIN_NO_FAST_EXIT=1``.
     """
     import atexit
     import contextlib
@@ -288,7 +302,8 @@ def exit_now(code: int) -> None:
 
     others = [t for t in threading.enumerate()
               if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if "torch" not in sys.modules or others:
+    if ("torch" not in sys.modules or others or sys.getprofile() is not None
+            or sys.gettrace() is not None or os.environ.get("DPTRAIN_NO_FAST_EXIT")):
         raise SystemExit(code)
     try:
         atexit._run_exitfuncs()
@@ -320,6 +335,7 @@ def _main(argv: list[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if local_rank is not None:
         args.local_rank = local_rank
+    _ran.append(args.command)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 from dptrain.errors import UsageError
 
-MODELS = ("linear", "convnet", "cnn", "fastnet")
+MODELS = ("linear", "convnet", "cnn", "fastnet", "fastnet-v1")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
 SCHEDULES = ("none", "step", "onecycle", "cosine")

@@ -22,21 +22,27 @@ from collections.abc import Callable
 import torch
 
 
-def _disabled_functions(cls: type) -> list[Callable]:
-    """The functions behind ``cls``'s own ``torch._disable_dynamo``-wrapped methods."""
+def _disabled_functions(cls: type) -> list[tuple[Callable, bool]]:
+    """The functions behind ``cls``'s own ``torch._disable_dynamo``-wrapped methods, each with
+    the wrapper's ``recursive`` flag."""
     probe = torch._disable_dynamo(lambda: None)  # every such wrapper shares this code object
-    return [attr.__wrapped__ for attr in vars(cls).values()
-            if getattr(attr, "__code__", None) is probe.__code__
-            and callable(getattr(attr, "__wrapped__", None))]
+    found = []
+    for attr in vars(cls).values():
+        if (getattr(attr, "__code__", None) is probe.__code__
+                and callable(getattr(attr, "__wrapped__", None))):
+            cells = dict(zip(attr.__code__.co_freevars, attr.__closure__ or (), strict=False))
+            recursive = cells["recursive"].cell_contents if "recursive" in cells else True
+            found.append((attr.__wrapped__, bool(recursive)))
+    return found
 
 
 def defer(*classes: type) -> None:
     """Defer the ``torch._dynamo`` import of each class's dynamo-disabled methods (module
     docstring). Idempotent; a method PyTorch has already wrapped is left as it is."""
     for cls in classes:
-        for fn in _disabled_functions(cls):
+        for fn, recursive in _disabled_functions(cls):
             if getattr(fn, "__dynamo_disable", None) is None:
-                fn.__dynamo_disable = _lazily_disabled(fn)
+                fn.__dynamo_disable = _lazily_disabled(fn, recursive)
 
 
 def deferred(fn: Callable) -> bool:
@@ -44,7 +50,7 @@ def deferred(fn: Callable) -> bool:
     return getattr(getattr(fn, "__dynamo_disable", None), "dptrain_lazy", False)
 
 
-def _lazily_disabled(fn: Callable) -> Callable:
+def _lazily_disabled(fn: Callable, recursive: bool) -> Callable:
     disabled: list[Callable] = []
 
     def call(*args, **kwargs):
@@ -53,7 +59,7 @@ def _lazily_disabled(fn: Callable) -> Callable:
         if not disabled:
             import torch._dynamo
 
-            disabled.append(torch._dynamo.disable(fn, True, wrapping=False))
+            disabled.append(torch._dynamo.disable(fn, recursive, wrapping=False))
         return disabled[0](*args, **kwargs)
 
     call.dptrain_lazy = True

@@ -6,7 +6,7 @@ Every model maps a normalised ``(N, 1, 28, 28)`` float batch to ``(N, 10)`` logi
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,23 +52,22 @@ def cnn() -> nn.Module:
     ), {2: ("6",), 3: ("2", "6")})
 
 
-def fastnet() -> nn.Module:
+def fastnet(pool_first: bool = True) -> nn.Module:
     """The ``mnist-fast`` recipe's net: small, BN everywhere, cheap on CPU, 99 %+ in one epoch.
 
     Each block pools straight after its convolution, then normalises and rectifies the
     pooled map: BatchNorm and ReLU (forward and backward) touch a quarter of the values
     they would after the pool. Conv -> BN -> ReLU -> pool spent half of its step in those
-    element-wise passes; this order trains 1.5x faster on CPU at batch 128 and to the same
-    or higher accuracy (benchmarks/speed.py).
+    element-wise passes; this order trains faster on CPU at the same or higher accuracy
+    (``benchmarks/fastnet_order.py``). ``pool_first=False`` is the earlier layout
+    (``--model fastnet-v1``, what checkpoints written before 2026-12-01 hold).
     """
 
     def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(),
-        )
+        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        if pool_first:
+            return nn.Sequential(conv, nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU())
+        return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
     return _with_split_points(nn.Sequential(
         block(1, 16),  # 14x14
@@ -93,7 +92,17 @@ REGISTRY: dict[str, Callable[[], nn.Module]] = {
     "convnet": convnet,
     "cnn": cnn,
     "fastnet": fastnet,
+    "fastnet-v1": lambda: fastnet(pool_first=False),
 }
+
+
+def layout_hint(name: str, saved_keys: Iterable[str]) -> str:
+    """What to do when a checkpoint's keys do not fit built-in model ``name``: "" unless the
+    checkpoint holds an earlier layout of it."""
+    if name == "fastnet" and "0.1.running_mean" in set(saved_keys):
+        return ("; it holds fastnet's earlier layout (conv-BN-ReLU-pool, dptrain before "
+                "2026-12-01): use --model fastnet-v1 for it")
+    return ""
 
 
 def load_factory(spec: str, what: str) -> Callable[..., object]:

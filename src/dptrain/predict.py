@@ -94,8 +94,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Inferenc
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:200]
+        from dptrain.models import layout_hint
+
         raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({first})"
-                         ) from None
+                         f"{layout_hint(cfg.model, state['model'])}") from None
     wrapped = InferenceModel(model, normalization_of(state, state["config"]), state["config"])
     return wrapped.to(device).eval()
 

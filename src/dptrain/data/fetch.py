@@ -129,7 +129,7 @@ def _raw_dir(name: str, root: Path) -> Path:
     return Path(root).expanduser() / DATASET_DIRS[name] / "raw"
 
 
-# Files this process has verified, by (expected MD5, (path, device, inode, size, mtime_ns)):
+# Files this process has verified, by (expected MD5, (path, device, inode, size, mtime, ctime)):
 # the pre-flight
 # check and the loader both verify, and the second MD5 pass over 55 MB cost 0.15 s of the
 # fast recipe's budget. A file replaced or written since has another signature.
@@ -141,7 +141,7 @@ def _signature(path: Path) -> tuple | None:
         st = path.stat()
     except OSError:
         return None
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _missing_local(name: str, root: Path, raw_dir: Path) -> list[str]:
