@@ -4,8 +4,8 @@ Part 1 -- time to 99 %, end to end from the command's start (interpreter start, 
 training, evaluation), each in a fresh process:
 
 * dptrain: ``python -m dptrain train --recipe mnist-fast --seed S`` for every seed (the recipe
-  trains 400 steps of batch 128 and evaluates the whole test split at its end); the wall time
-  runs to the process's exit, a little past the summary line;
+  trains 0.85 of an epoch, 398 steps of batch 128, and evaluates the whole test split at its
+  end); the wall time runs to the process's exit, a little past the summary line;
 * with ``--baseline-src DIR`` (the ``src`` of an earlier checkout, e.g. ``git worktree add
   /tmp/dptrain-before 0e6df64``), the same command from that code, alternating with this one
   seed by seed: before/after in one run on one machine state;
