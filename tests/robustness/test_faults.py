@@ -127,13 +127,16 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------ kill -9, SIGTERM
-def test_kill_9_ten_times_at_random_steps_then_bitwise_identical(tmp_path, reference):
+@pytest.mark.parametrize("kills", [3, pytest.param(10, marks=pytest.mark.extended)])
+def test_kill_9_repeatedly_at_random_steps_then_bitwise_identical(tmp_path, reference, kills):
+    """make test kills 3 times (the mechanism: each restart resumes bitwise); make test-all
+    kills 10 times, the robustness issue's figure (~90 s)."""
     rng = random.Random(20240607)
-    # ten increasing target steps, at least 4 apart, over the whole run
-    base = sorted(rng.sample(range(2, 45), 10))
+    # increasing target steps, at least 4 apart, over the whole run
+    base = sorted(rng.sample(range(2, 45), kills))
     targets = [b + 3 * i for i, b in enumerate(base)]
     out = tmp_path / "killed"
-    proc = _popen(*ELASTIC, "--max-restarts", "10", "--out", str(out))
+    proc = _popen(*ELASTIC, "--max-restarts", str(kills), "--out", str(out))
     seen: set[int] = set()  # every worker pid of earlier attempts
     killed_at: list[int] = []
     try:
@@ -162,9 +165,9 @@ def test_kill_9_ten_times_at_random_steps_then_bitwise_identical(tmp_path, refer
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
-    assert len(set(killed_at)) == 10 and killed_at == sorted(killed_at), killed_at
+    assert len(set(killed_at)) == kills and killed_at == sorted(killed_at), killed_at
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == 10 and summary["steps"] == STEPS
+    assert summary["restarts"] == kills and summary["steps"] == STEPS
     assert summary["resumed_from"] is not None
     assert bitwise_equal(reference, params(out))
 
