@@ -1,9 +1,9 @@
 """Keep ``torch._dynamo`` unimported in a process that compiles nothing.
 
-Importing ``torch._dynamo`` (with sympy) takes 1.6 s on this project's 2-core VM: a third of
-the 5 s that ``--recipe mnist-fast`` may take end to end. Plain eager training pays it twice
-over for nothing: ``Optimizer.__init__`` calls ``add_param_group`` and the FLOP counter calls
-its dispatch mode's ``__torch_dispatch__``, and PyTorch wraps both in
+Importing ``torch._dynamo`` (with sympy) takes 1.6-2.3 s on this project's 2-core VM: a
+third or more of the 5 s that ``--recipe mnist-fast`` may take end to end. Plain eager
+training paid it for nothing: ``Optimizer.__init__`` calls ``add_param_group`` and the FLOP
+counter calls its dispatch mode's ``__torch_dispatch__``, and PyTorch wraps both in
 ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` only to build a "do not
 trace this" wrapper, then caches it in the function's ``__dynamo_disable`` attribute.
 

@@ -59,7 +59,7 @@ def fastnet(pool_first: bool = True) -> nn.Module:
     pooled map: BatchNorm and ReLU (forward and backward) touch a quarter of the values
     they would after the pool. Conv -> BN -> ReLU -> pool spent half of its step in those
     element-wise passes; this order trains faster on CPU at the same or higher accuracy
-    (``benchmarks/fastnet_order.py``). ``pool_first=False`` is the earlier layout
+    (``benchmarks/recipe_parts.py``). ``pool_first=False`` is the earlier layout
     (``--model fastnet-v1``, what checkpoints written before 2026-12-01 hold).
     """
 
