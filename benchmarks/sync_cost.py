@@ -93,11 +93,17 @@ def run_mode(mode: str, steps: int) -> dict[str, Any]:
                                str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in range(2)]
     ranks = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise SystemExit(f"{mode}: a worker failed ({p.returncode}):\n{err[-2000:]}")
-        ranks.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise SystemExit(f"{mode}: a worker failed ({p.returncode}):\n{err[-2000:]}")
+            ranks.append(json.loads(out.strip().splitlines()[-1]))
+    finally:  # a failed or hung rank: its peer is waiting in a collective, end both
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     step_ms = [r["step_ms"] for r in sorted(ranks, key=lambda r: r["rank"])]
     return {"mode": mode, "step_ms": step_ms, "samples_per_s": sum(64e3 / t for t in step_ms)}
 
