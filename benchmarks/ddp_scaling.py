@@ -66,7 +66,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly
+from dptrain.bench import add_measurement_flags, machine_info, mean_std, run_quietly, write_result
 from dptrain.bench import predict as P
 
 HERE = Path(__file__).resolve().parent
@@ -219,27 +219,14 @@ def _train_log(out: Path) -> list[list[float]]:
 
 def run_config(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stamp = time.monotonic_ns()
-    if name == "single":
-        out = workdir / f"single-{stamp}"
-        proc = subprocess.Popen(
-            train_cmd(args, out, "--strategy", "single", "--nproc", "1"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        return _finish(proc, out)
-    if name == "ddp1":
-        out = workdir / f"ddp1-{stamp}"
-        proc = subprocess.Popen(
-            train_cmd(args, out, "--strategy", "ddp", "--nproc", "1"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        return _finish(proc, out)
-    if name in COMM_PATHS:
+    one_process = {"single": ("--strategy", "single", "--nproc", "1"),
+                   "ddp1": ("--strategy", "ddp", "--nproc", "1")}
+    if name in one_process or name in COMM_PATHS:
+        flags = one_process.get(name) or ("--strategy", "ddp", "--nproc", "2",
+                                          "--cpu-allreduce", COMM_PATHS[name])
         out = workdir / f"{name}-{stamp}"
-        proc = subprocess.Popen(
-            train_cmd(args, out, "--strategy", "ddp", "--nproc", "2",
-                      "--cpu-allreduce", COMM_PATHS[name]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc = subprocess.Popen(train_cmd(args, out, *flags), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         return _finish(proc, out)
     # ceiling: two independent processes, started together
     outs = [workdir / f"ceiling{i}-{stamp}" for i in range(2)]
@@ -483,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "comm_sweeps": comm,
         "set_aside_disturbed_runs": discarded,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
 
     print(
         f"\n{args.model}, batch {args.batch_size}/process, 1 thread/process, "

@@ -111,7 +111,7 @@ def main() -> int:
     p.add_argument("--startup-repeats", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "recipe_parts.json"))
     args = p.parse_args()
-    from dptrain.bench import machine_info
+    from dptrain.bench import machine_info, write_result
 
     result: dict[str, Any] = {"benchmark": "recipe_parts", "machine": machine_info(sys.argv)}
     result["order"] = step_times(args.rounds)
@@ -125,10 +125,7 @@ def main() -> int:
         result["accuracy"] = accuracy(args.data_root, args.seeds)
         print("one-epoch accuracy means: " + ", ".join(
             f"{m} {v:.4f}" for m, v in result["accuracy"]["mean"].items()), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.out)}")
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dptrain.bench import machine_info, mean_std, usable_cores
+from dptrain.bench import machine_info, mean_std, usable_cores, write_result
 from dptrain.models import build_model, flops_per_sample
 
 HERE = Path(__file__).resolve().parent
@@ -218,9 +218,7 @@ def derive(result: dict[str, Any]) -> None:
 
 def write(result: dict[str, Any], out: Path) -> None:
     derive(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, out)}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=60.0)
     p.add_argument("--out", default=str(HERE / "results" / "sync_cost.json"))
     args = p.parse_args(argv)
-    from dptrain.bench import machine_info, wait_for_quiet
+    from dptrain.bench import machine_info, wait_for_quiet, write_result
 
     rounds = []
     for r in range(args.rounds):
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in MODES[1:]:
         h = headline[m]
         print(f"{m:9s} / none: median {h['median']:.3f} ({h['min']:.3f}-{h['max']:.3f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.out)}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -211,6 +212,15 @@ def mean_std(values: list[float]) -> dict[str, float | int | list[float]]:
         "n": len(values),
         "values": list(values),
     }
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    """Write a benchmark's result JSON (indented, newline-terminated) to ``out``, creating its
+    directory; the path written."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
 
 
 def add_measurement_flags(parser: argparse.ArgumentParser) -> None:

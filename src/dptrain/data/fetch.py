@@ -129,10 +129,10 @@ def _raw_dir(name: str, root: Path) -> Path:
     return Path(root).expanduser() / DATASET_DIRS[name] / "raw"
 
 
-# Files this process has verified, by (expected MD5, (path, device, inode, size, mtime, ctime)):
-# the pre-flight
-# check and the loader both verify, and the second MD5 pass over 55 MB cost 0.15 s of the
-# fast recipe's budget. A file replaced or written since has another signature.
+# Files this process has verified, by (expected MD5, (path, device, inode, size, mtime,
+# ctime)): the pre-flight check and the loader both verify, and the second MD5 pass over
+# 55 MB cost 0.15 s of the fast recipe's budget. A file replaced or written since has another
+# signature.
 _verified: set[tuple] = set()
 
 
