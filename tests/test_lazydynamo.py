@@ -85,3 +85,32 @@ def test_defer_is_idempotent_and_leaves_pytorch_s_own_wrapper_alone():
         print(lazydynamo.deferred(fns["add_param_group"]), lazydynamo.deferred(fns["zero_grad"]))
     """)
     assert out == "False True"  # add_param_group already had PyTorch's wrapper
+
+
+def test_ddp_init_answers_dynamo_s_default_without_importing_it_and_leaves_no_trace():
+    out = _python("""
+        import sys, torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from dptrain import lazydynamo
+        with lazydynamo.ddp_init():
+            mode = torch._dynamo.utils.get_optimize_ddp_mode()
+        imported, left = "torch._dynamo" in sys.modules, "_dynamo" in vars(torch)
+        [(fn, recursive)] = lazydynamo._disabled_functions(DDP)
+        import torch._dynamo
+        print(mode, imported, left, torch._dynamo.utils.get_optimize_ddp_mode() == mode,
+              fn.__name__, recursive, lazydynamo.deferred(fn))
+    """)
+    # dynamo's own default, unimported, nothing left behind; DDP's forward context deferred
+    assert out == "ddp_optimizer False False True _inside_ddp_forward False True"
+
+
+def test_ddp_init_defers_to_dynamo_once_it_is_imported_and_configured():
+    out = _python("""
+        import torch, torch._dynamo
+        from dptrain import lazydynamo
+        torch._dynamo.config.optimize_ddp = "python_reducer"
+        with lazydynamo.ddp_init():
+            mode = torch._dynamo.utils.get_optimize_ddp_mode()
+        print(mode, torch._dynamo.__name__)
+    """)
+    assert out == "python_reducer torch._dynamo"

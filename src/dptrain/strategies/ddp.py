@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dptrain import dist
+from dptrain import dist, lazydynamo
 from dptrain.errors import UsageError
 from dptrain.strategies import shm, syncbn
 from dptrain.strategies.base import Strategy
@@ -130,15 +130,16 @@ class DistributedDataParallel(Strategy):
         o = self.options
         if o.sync_bn:
             model = syncbn.convert(model, self.device)
-        ddp = DDP(
-            model,
-            device_ids=[self.device] if self.device.type == "cuda" else None,
-            bucket_cap_mb=o.bucket_cap_mb,
-            gradient_as_bucket_view=o.gradient_as_bucket_view,
-            static_graph=o.static_graph,
-            find_unused_parameters=o.find_unused_parameters,
-            **_NO_FORWARD_BUFFER_SYNC,
-        )
+        with lazydynamo.ddp_init():  # no 2.3 s torch._dynamo import per worker
+            ddp = DDP(
+                model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                bucket_cap_mb=o.bucket_cap_mb,
+                gradient_as_bucket_view=o.gradient_as_bucket_view,
+                static_graph=o.static_graph,
+                find_unused_parameters=o.find_unused_parameters,
+                **_NO_FORWARD_BUFFER_SYNC,
+            )
         self.connect_shm()
         hook, state = HOOKS[o.comm_hook], None
         if self.shm is not None:
