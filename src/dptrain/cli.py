@@ -140,7 +140,8 @@ def run_training(cfg: TrainConfig, *, legacy_local_rank: int | None = None,
             worker_entry, (plan, started_at, count_comm), nproc=plan.nproc,
             nnodes=plan.nnodes, node_rank=cfg.node_rank,
             master_addr=cfg.master_addr, master_port=cfg.master_port,
-            max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s))
+            max_restarts=cfg.max_restarts, rdzv_timeout_s=int(cfg.timeout_s),
+            fast_exit=True)
     except launch.Interrupted as exc:
         exc.out = plan.cfg.out
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,3 +43,30 @@ def evaluate_fixed(model_name: str, dataset: str, loss: str, strategy: Any) -> d
     return evaluate(model, splits.test_x, test_y, strategy, objective,
                     Precision("32", torch.device("cpu")), 100,
                     Normalizer(splits.mean, splits.std))
+
+
+def exiting_worker(marker_dir: str, picklable: bool = True) -> Any:
+    """For the fast-exit test: an atexit handler and unflushed output in each worker."""
+    import atexit
+    import os
+    import sys
+
+    rank = int(os.environ["RANK"])
+    atexit.register(lambda: Path(f"{marker_dir}/atexit-{rank}").write_text("ran"))
+    import types  # a module the interpreter's teardown frees, if there is one
+
+    probe = sys.modules["teardown_probe"] = types.ModuleType("teardown_probe")
+    probe.probe = _Probe(f"{marker_dir}/teardown-{rank}")
+    sys.stdout.write(f"<unflushed {rank}>")  # no newline: still in the buffer at exit
+    return {"rank": rank} if picklable else (lambda: rank)
+
+
+class _Probe:
+    def __init__(self, path: str) -> None:
+        import os
+
+        self.path, self.os = path, os  # no global lookups at teardown: they may be gone
+
+    def __del__(self) -> None:
+        os = self.os
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o644))

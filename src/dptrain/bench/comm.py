@@ -159,7 +159,7 @@ def run_sweep(n: int, sizes: list[int], *, iters: int, warmup: int = 3,
     from dptrain.launch import launch
 
     started = time.perf_counter()
-    result = launch(comm_worker, (sizes, iters, warmup, device), nproc=n)[0]
+    result = launch(comm_worker, (sizes, iters, warmup, device), nproc=n, fast_exit=True)[0]
     for p in result["points"]:
         p["n"] = n
         p["algbw_Bps"] = algbw(p["bytes"], p["time_s"])

@@ -374,9 +374,9 @@ def _run_config(c: Config, o: dict[str, Any]) -> dict[str, Any]:
             "device": o["device"], "bucket_cap_mb": o["bucket_cap_mb"], "gpus": c.nproc,
             "diag_steps": 20 if o["quick"] else 50}
     if c.role == "baseline":
-        return launch(baseline_worker, (spec,), nproc=1)[0]
+        return launch(baseline_worker, (spec,), nproc=1, fast_exit=True)[0]
     procs = 1 if c.strategy == "dp" else c.nproc
-    return combine_ranks(launch(bench_worker, (spec,), nproc=procs))
+    return combine_ranks(launch(bench_worker, (spec,), nproc=procs, fast_exit=True))
 
 
 def run_bench(o: dict[str, Any], out: Path) -> int:
