@@ -47,6 +47,45 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def launcher_workers(pid: int) -> list[int]:
+    """The live worker processes of the dptrain launcher ``pid``: its spawned children, or the
+    children of its fork server (dptrain's own commands fork their workers from it); neither
+    the resource tracker nor the fork server itself. Tolerant of processes that exit while
+    /proc is read (restarts)."""
+
+    def children(p: int) -> list[int]:
+        found: list[int] = []
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            return found
+        for task in tasks:
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the thread ended while we looked
+                continue
+        return found
+
+    def read(p: int, name: str) -> bytes:
+        try:
+            return Path(f"/proc/{p}/{name}").read_bytes()
+        except OSError:  # the process exited while we looked
+            return b""
+
+    def live(p: int) -> bool:
+        stat = read(p, "stat")
+        return bool(stat) and stat[stat.rindex(b")") + 2:][:1] not in b"ZX"
+
+    out = []
+    for child in children(pid):
+        cmdline = read(child, "cmdline")
+        if b"spawn_main" in cmdline and live(child):
+            out.append(child)
+        elif b"forkserver" in cmdline:
+            out += [w for w in children(child) if live(w)]
+    return sorted(out)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
             cwd: Path | None = None, module: str = "dptrain") -> subprocess.CompletedProcess:
     """``python -m dptrain ARGS`` in a fresh process; output captured as text."""

@@ -277,11 +277,40 @@ _ran: list[str] = []  # the command main() dispatched (console reads it)
 def console() -> None:
     """The ``dptrain`` command (console script, ``python -m dptrain``): :func:`main`, then
     :func:`exit_now` after the commands of :data:`FAST_EXIT_COMMANDS`. Library callers and
-    tests call :func:`main`, which only returns."""
+    tests call :func:`main`, which only returns. A command that will start local workers
+    starts the fork server they come from first (:func:`_prestart_workers`)."""
+    _prestart_workers(sys.argv[1:])
     code = main()
     if _ran and _ran[-1] in FAST_EXIT_COMMANDS:
         exit_now(code)
     raise SystemExit(code)
+
+
+LAUNCHING_COMMANDS = ("train", "bench", "verify")  # commands that start local workers
+
+
+def _prestart_workers(argv: list[str]) -> None:
+    """Start the fork server (:func:`dptrain.launch.prestart_workers`) before this process
+    imports torch, when ``argv`` will start local workers: ``bench`` and ``verify``, and
+    ``train`` with ``--nproc`` other than 1; not under torchrun/srun (this process is a
+    worker). The server imports torch on another core meanwhile. A wrong guess costs an
+    import in the background and nothing else."""
+    import contextlib
+    import os
+
+    if not argv or argv[0] not in LAUNCHING_COMMANDS or "-h" in argv or "--help" in argv:
+        return
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ:
+        return
+    if argv[0] == "train":
+        values = [a.split("=", 1)[1] for a in argv if a.startswith("--nproc=")]
+        values += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--nproc"]
+        if not values or values[-1] == "1":
+            return
+    from dptrain.launch import prestart_workers
+
+    with contextlib.suppress(Exception):  # an optimisation only: launch() starts it anyway
+        prestart_workers()
 
 
 def exit_now(code: int) -> None:

@@ -11,6 +11,13 @@ command still ends with one ``error:`` line and exit status 2. A signal to the l
 SIGINT, ...) is forwarded to the workers by the agent, which then raises; it comes back as
 :class:`Interrupted`.
 
+Workers of dptrain's own commands (``fast_exit=True``) are forked from multiprocessing's fork
+server, which imports torch and dptrain's worker modules once (:data:`WORKER_PRELOAD`); a
+spawned worker imports torch itself (2.5 s on this project's VM). ``dptrain train --nproc N``
+starts that server at the command's start (:func:`prestart_workers`), while the launcher
+imports torch itself: on two or more cores both imports run at once. Workers of a user's
+script (``dptrain run``) and of ``dptrain.fit`` are spawned (or forked), as before.
+
 Single-node runs keep their rendezvous on loopback: the launcher binds the port itself, on
 ``--master-addr`` (127.0.0.1 by default), and hands that socket to the TCPStore the agent uses,
 instead of letting it listen on every interface. Binding first is also the preflight check for
@@ -285,9 +292,13 @@ class _WorkerMain:
     once); so does one mid-training. It stays deliverable afterwards (torch makes a worker whose
     launcher died receive SIGINT), but then ends the process without a traceback."""
 
-    def __init__(self, fn: Callable[..., Any], fast_exit: bool = False) -> None:
+    def __init__(self, fn: Callable[..., Any], fast_exit: bool = False, forked: bool = False,
+                 env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> None:
         self.fn = fn
-        self.fast_exit = fast_exit
+        self.fast_exit, self.forked = fast_exit, forked
+        # what the workers' environment lacks of the launcher's (a worker forked from the fork
+        # server has the environment the server started with): variables to set, to unset
+        self.env, self.unset = dict(env or {}), tuple(unset)
         # torch's launcher and agent name the entry point in their events
         self.__name__ = getattr(fn, "__name__", "worker")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
@@ -295,9 +306,16 @@ class _WorkerMain:
     def __call__(self, *args: Any) -> Any:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for name in self.unset:
+            os.environ.pop(name, None)
+        os.environ.update(self.env)
+        if self.forked:
+            _drop_server_keepalive()
         try:
             result = self.fn(*args)
-            if self.fast_exit:
+            if self.forked:
+                _run_exit_handlers_at_the_end()
+            elif self.fast_exit:
                 _exit_fast_once_done(result)
             return result
         finally:
@@ -351,6 +369,84 @@ def _exit_fast_once_done(result: Any) -> None:
     atexit.register(end)
 
 
+def _drop_server_keepalive() -> None:
+    """A worker forked from the fork server inherits the launcher's end of the pipe that keeps
+    the server alive (so that it could fork from the server itself). Holding it, the workers
+    would keep the server alive after the launcher died, and the server them: torch makes a
+    worker receive SIGINT when its parent -- here the server -- dies. Closed, the launcher's
+    death ends the server, and that the workers."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd, server._forkserver_alive_fd = server._forkserver_alive_fd, None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _run_exit_handlers_at_the_end() -> None:
+    """A worker forked by multiprocessing ends with ``os._exit`` (no interpreter teardown, which
+    is why the fork server's workers exit at once) and so never runs ``atexit`` handlers. Run
+    them at its very end, as a spawned worker's exit would: from the last of multiprocessing's
+    own exit finalizers, after torch's wrapper has sent the result; multiprocessing's exit
+    function, which is running them, is not run twice."""
+    import atexit
+    from multiprocessing import util
+
+    def run() -> None:
+        atexit.unregister(util._exit_function)
+        atexit._run_exitfuncs()
+
+    util.Finalize(None, run, exitpriority=-(10**9))
+
+
+#: what the fork server imports once: each worker forked from it starts with these imported
+WORKER_PRELOAD = ("torch", "torch.distributed", "torch.distributed.elastic.multiprocessing.api",
+                  "dptrain.cli", "dptrain.run", "dptrain.strategies", "dptrain._forkserver")
+
+
+def fork_server_usable() -> bool:
+    """Whether dptrain's own workers start from the fork server: POSIX with ``forkserver``,
+    unless ``DPTRAIN_NO_FAST_EXIT=1`` asks for spawned workers with a normal exit."""
+    import multiprocessing
+
+    return ("forkserver" in multiprocessing.get_all_start_methods()
+            and not os.environ.get("DPTRAIN_NO_FAST_EXIT"))
+
+
+def prestart_workers() -> None:
+    """Start multiprocessing's fork server now, importing :data:`WORKER_PRELOAD` in it.
+
+    Cheap for the caller (the server imports in its own process); idempotent. The server
+    starts with SIGINT blocked, and so does every worker forked from it, as spawned workers
+    do (see ``_start_workers``). It ends when this process does."""
+    if not fork_server_usable():
+        return
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(list(WORKER_PRELOAD))
+    with _sigint_blocked():
+        forkserver.ensure_running()
+    if forkserver._forkserver._forkserver_pid not in _SERVER_ENV:  # a new server
+        _SERVER_ENV.clear()
+        _SERVER_ENV[forkserver._forkserver._forkserver_pid] = dict(os.environ)
+
+
+_SERVER_ENV: dict[int | None, dict[str, str]] = {}  # the fork server's pid -> its environment
+
+
+def _environment_delta(extra: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(to set, to unset) in a worker forked from the fork server for it to have this
+    process's environment plus ``extra``."""
+    start = next(iter(_SERVER_ENV.values()), None)
+    if start is None:
+        return dict(extra), ()
+    now = {**os.environ, **extra}
+    return ({k: v for k, v in now.items() if start.get(k) != v},
+            tuple(k for k in start if k not in now))
+
+
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
     """Set environment variables for the workers we spawn; restore ours afterwards."""
@@ -396,14 +492,18 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
            ) -> dict[int, Any]:
     """Run ``fn(*args)`` in ``nproc`` local workers; return ``{global_rank: result}``.
 
-    ``fast_exit``: a worker whose ``fn`` returned skips the interpreter teardown
-    (:func:`_exit_fast_once_done`); for dptrain's own worker functions."""
+    ``fast_exit``: for dptrain's own worker functions: the workers are forked from the fork
+    server (:func:`prestart_workers`), or, where there is none, a worker whose ``fn`` returned
+    skips the interpreter teardown (:func:`_exit_fast_once_done`)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from dptrain import dist
 
+    forked = fast_exit and fork_server_usable()
+    if forked:
+        prestart_workers()
     store, env = None, {}
     if nnodes == 1:
         store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)
@@ -424,12 +524,13 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
         rdzv_configs={"rank": node_rank, "timeout": rdzv_timeout_s},
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method="forkserver" if forked else "spawn",
     )
     try:
         with _quiet_torch_loggers(), _agent_with_stop_grace(STOP_GRACE_S), _env(**env), \
                 _own_signal_handlers():
-            return elastic_launch(config, _WorkerMain(fn, fast_exit))(*args)
+            add, unset = _environment_delta(env) if forked else (env, ())
+            return elastic_launch(config, _WorkerMain(fn, fast_exit, forked, add, unset))(*args)
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:

@@ -16,7 +16,7 @@ import torch
 from dptrain.cli import run_training
 from dptrain.config import TrainConfig
 from dptrain.verify import compare
-from tests.conftest import clean_env, run_cli, train_inproc
+from tests.conftest import clean_env, launcher_workers, run_cli, train_inproc
 
 SYN = ["--dataset", "synthetic", "--threads", "1"]
 
@@ -109,21 +109,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
 
 
 def _workers(pid: int) -> list[int]:
-    """The launcher's worker processes (spawned children; not the resource tracker)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except FileNotFoundError:  # the thread ended while we looked
-            continue
-        for child in children:
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:  # the child exited while we looked
-                continue
-            if b"spawn_main" in cmdline:
-                out.append(int(child))
-    return out
+    """The launcher's worker processes (spawned or forked from its fork server)."""
+    return launcher_workers(pid)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from dptrain import cli
-from tests.conftest import DIST_VARS, clean_env, run_cli
+from tests.conftest import DIST_VARS, clean_env, launcher_workers, run_cli
 
 SYN = ["--dataset", "synthetic", "--max-steps", "2", "--quiet"]
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -268,29 +268,6 @@ def test_plot_refuses_a_damaged_metrics_file_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
-def _children(pid: int) -> list[int]:
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    kids: list[int] = []
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                kids += [int(c) for c in fh.read().split()]
-        except OSError:
-            pass
-    return kids
-
-
-def _is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"spawn_main" in fh.read()
-    except OSError:
-        return False
-
-
 def _group_gone(pgid: int, within: float) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -304,8 +281,8 @@ def _group_gone(pgid: int, within: float) -> bool:
 
 @pytest.mark.parametrize("moment", ["workers-starting", "training"])
 def test_ctrl_c_during_train_nproc_2_is_one_line_and_130(moment, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C: while the workers import
-    torch (where their KeyboardInterrupt tracebacks used to leak) or while they train."""
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: as the workers start (where
+    their KeyboardInterrupt tracebacks used to leak) or while they train."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dptrain", "train", "--nproc", "2", "--dataset", "synthetic",
@@ -315,7 +292,7 @@ def test_ctrl_c_during_train_nproc_2_is_one_line_and_130(moment, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            workers = [c for c in _children(proc.pid) if _is_worker(c)]
+            workers = launcher_workers(proc.pid)
             if moment == "workers-starting" and len(workers) >= 2:
                 break
             if moment == "training" and (out / "config.toml").exists():

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from dptrain.checkpoint import load
-from tests.conftest import clean_env, run_cli
+from tests.conftest import clean_env, launcher_workers, run_cli
 from tests.integration.test_features import _wait_for, bitwise_equal, params
 
 STEPS = 80
@@ -69,15 +69,8 @@ def _tree(pid: int) -> dict[int, int]:
 
 
 def _workers(pid: int) -> list[int]:
-    """The launcher's live worker processes (spawned children, not the resource tracker);
-    tolerant of children that exit while /proc is read (restarts)."""
-    found = []
-    for child in _tree(pid):
-        with contextlib.suppress(OSError):
-            if (Path(f"/proc/{child}/stat").read_text().split()[3] == str(pid)
-                    and b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()):
-                found.append(child)
-    return sorted(found)
+    """The launcher's live worker processes (spawned, or forked from its fork server)."""
+    return launcher_workers(pid)
 
 
 def _still_running(tree: dict[int, int]) -> list[int]:
