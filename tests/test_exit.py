@@ -74,3 +74,25 @@ def test_dptrain_run_keeps_the_teardown_for_the_user_s_open_files(tmp_path):
                           env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == "result line\n"
+
+
+def test_the_fork_server_starts_early_only_for_commands_that_launch_workers(monkeypatch):
+    from dptrain import cli, launch
+
+    calls: list[int] = []
+    monkeypatch.setattr(launch, "prestart_workers", lambda: calls.append(1))
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cases = {("train", "--nproc", "2"): 1, ("train", "--nproc=auto"): 1, ("bench",): 1,
+             ("verify", "--nproc", "3"): 1, ("train",): 0, ("train", "--nproc", "1"): 0,
+             ("train", "--nproc", "2", "--help"): 0, ("predict", "--nproc", "2"): 0, (): 0}
+    seen = {}
+    for argv, _ in cases.items():
+        calls.clear()
+        cli._prestart_workers(list(argv))
+        seen[argv] = len(calls)
+    assert seen == cases
+    monkeypatch.setenv("RANK", "0")  # under torchrun this process is a worker itself
+    calls.clear()
+    cli._prestart_workers(["train", "--nproc", "2"])
+    assert calls == []

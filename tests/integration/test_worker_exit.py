@@ -45,3 +45,36 @@ def test_without_fast_exit_the_teardown_runs(tmp_path):  # the control: the prob
 def test_a_result_torch_cannot_send_still_fails_the_workers(tmp_path):
     proc = _launch(tmp_path, picklable=False)
     assert proc.stdout.endswith("WorkerFailure 1\n"), proc.stderr
+
+
+def _env_launch(tmp_path: Path, **env: str) -> str:
+    code = textwrap.dedent("""
+        import os
+        from dptrain.launch import launch, prestart_workers
+        from tests.integration.workers import env_worker
+        prestart_workers()  # the server starts with this environment...
+        os.environ["DPTRAIN_T_LATE"] = "set after the server started"  # ...then it changes
+        del os.environ["DPTRAIN_T_GONE"]
+        names = ["DPTRAIN_T_EARLY", "DPTRAIN_T_LATE", "DPTRAIN_T_GONE", "GLOO_SOCKET_IFNAME"]
+        print(sorted(launch(env_worker, (names,), nproc=2, fast_exit=True).items()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT,
+                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin",
+                               "DPTRAIN_T_EARLY": "e", "DPTRAIN_T_GONE": "g", **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()[-1]
+
+
+def test_workers_fork_from_the_server_with_the_launcher_s_environment_at_launch(tmp_path):
+    view = {"env": {"DPTRAIN_T_EARLY": "e", "DPTRAIN_T_LATE": "set after the server started",
+                    "DPTRAIN_T_GONE": None, "GLOO_SOCKET_IFNAME": "lo"},
+            "forked_from_server": True}
+    assert _env_launch(tmp_path) == str([(0, view), (1, view)])
+
+
+def test_dptrain_no_fast_exit_spawns_the_workers(tmp_path):
+    view = {"env": {"DPTRAIN_T_EARLY": "e", "DPTRAIN_T_LATE": "set after the server started",
+                    "DPTRAIN_T_GONE": None, "GLOO_SOCKET_IFNAME": "lo"},
+            "forked_from_server": False}
+    assert _env_launch(tmp_path, DPTRAIN_NO_FAST_EXIT="1") == str([(0, view), (1, view)])

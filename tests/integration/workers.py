@@ -70,3 +70,12 @@ class _Probe:
     def __del__(self) -> None:
         os = self.os
         os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def env_worker(names: list[str]) -> dict[str, Any]:
+    """For the fork-server test: the worker's view of some variables, and its parent."""
+    import os
+
+    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    return {"env": {n: os.environ.get(n) for n in names},
+            "forked_from_server": b"multiprocessing.forkserver" in parent}
