@@ -96,3 +96,20 @@ def test_the_fork_server_starts_early_only_for_commands_that_launch_workers(monk
     calls.clear()
     cli._prestart_workers(["train", "--nproc", "2"])
     assert calls == []
+
+
+def test_the_fork_server_s_imports_never_touch_cuda():
+    # a CUDA driver initialised in the fork server would break CUDA in every forked worker
+    proc = _run("""
+        import torch
+        calls = []
+        torch.cuda.is_available = lambda: calls.append("is_available") or False
+        torch.cuda.device_count = lambda: calls.append("device_count") or 0
+        torch.cuda._lazy_init = lambda: calls.append("_lazy_init")
+        from dptrain.launch import WORKER_PRELOAD
+        for name in WORKER_PRELOAD:
+            __import__(name)
+        print(len(WORKER_PRELOAD), calls)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "7 []"
