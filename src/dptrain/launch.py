@@ -292,10 +292,10 @@ class _WorkerMain:
     once); so does one mid-training. It stays deliverable afterwards (torch makes a worker whose
     launcher died receive SIGINT), but then ends the process without a traceback."""
 
-    def __init__(self, fn: Callable[..., Any], fast_exit: bool = False, forked: bool = False,
+    def __init__(self, fn: Callable[..., Any], forked: bool = False,
                  env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> None:
         self.fn = fn
-        self.fast_exit, self.forked = fast_exit, forked
+        self.forked = forked
         # what the workers' environment lacks of the launcher's (a worker forked from the fork
         # server has the environment the server started with): variables to set, to unset
         self.env, self.unset = dict(env or {}), tuple(unset)
@@ -315,8 +315,6 @@ class _WorkerMain:
             result = self.fn(*args)
             if self.forked:
                 _run_exit_handlers_at_the_end()
-            elif self.fast_exit:
-                _exit_fast_once_done(result)
             return result
         finally:
             # A Ctrl-C comes twice (the terminal's to the whole group, then the agent's
@@ -328,45 +326,6 @@ class _WorkerMain:
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
-
-
-def _exit_fast_once_done(result: Any) -> None:
-    """A worker whose function returned ``result`` ends without Python's interpreter teardown.
-
-    The launcher waits for every worker to exit before it reports, and a worker's teardown
-    with torch loaded (freeing every module, tensor and thread pool) takes ~1 s here, after
-    its work is done. torch's wrapper still has to send ``result`` (pickled into a queue) and
-    wait until the launcher has read it, then the process exits (``sys.exit(0)``): an
-    ``atexit`` handler registered now runs first at that exit, runs the other handlers
-    (logging, multiprocessing, dptrain's loggers) and flushes stdout/stderr, as
-    :func:`dptrain.cli.exit_now` does, then ``os._exit(0)``. ``result`` is pickled here
-    first: if that fails, torch's wrapper fails too and the worker exits 1 the normal way.
-    Not under a profiler or tracer, nor with ``DPTRAIN_NO_FAST_EXIT=1``. Only for dptrain's
-    own worker functions, not a user's script (``dptrain run``), whose unclosed files would
-    lose their buffers."""
-    import atexit
-    import pickle
-    import sys
-
-    if (sys.getprofile() is not None or sys.gettrace() is not None
-            or os.environ.get("DPTRAIN_NO_FAST_EXIT")):
-        return
-    try:
-        pickle.dumps(result)
-    except Exception:  # noqa: BLE001 - torch's own put raises it again, and the worker fails
-        return
-
-    def end() -> None:
-        atexit.unregister(end)
-        try:
-            atexit._run_exitfuncs()
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError, ValueError):
-                    stream.flush()
-            os._exit(0)
-
-    atexit.register(end)
 
 
 def _drop_server_keepalive() -> None:
@@ -428,21 +387,20 @@ def prestart_workers() -> None:
     multiprocessing.set_forkserver_preload(list(WORKER_PRELOAD))
     with _sigint_blocked():
         forkserver.ensure_running()
-    if forkserver._forkserver._forkserver_pid not in _SERVER_ENV:  # a new server
-        _SERVER_ENV.clear()
-        _SERVER_ENV[forkserver._forkserver._forkserver_pid] = dict(os.environ)
+    global _server_env
+    pid = forkserver._forkserver._forkserver_pid
+    if _server_env is None or _server_env[0] != pid:  # a new server
+        _server_env = (pid, dict(os.environ))
 
 
-_SERVER_ENV: dict[int | None, dict[str, str]] = {}  # the fork server's pid -> its environment
+_server_env: tuple[int | None, dict[str, str]] | None = None  # the fork server's pid, its env
 
 
-def _environment_delta(extra: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+def _environment_delta() -> tuple[dict[str, str], tuple[str, ...]]:
     """(to set, to unset) in a worker forked from the fork server for it to have this
-    process's environment plus ``extra``."""
-    start = next(iter(_SERVER_ENV.values()), None)
-    if start is None:
-        return dict(extra), ()
-    now = {**os.environ, **extra}
+    process's environment."""
+    start = {} if _server_env is None else _server_env[1]
+    now = dict(os.environ)
     return ({k: v for k, v in now.items() if start.get(k) != v},
             tuple(k for k in start if k not in now))
 
@@ -493,8 +451,8 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     """Run ``fn(*args)`` in ``nproc`` local workers; return ``{global_rank: result}``.
 
     ``fast_exit``: for dptrain's own worker functions: the workers are forked from the fork
-    server (:func:`prestart_workers`), or, where there is none, a worker whose ``fn`` returned
-    skips the interpreter teardown (:func:`_exit_fast_once_done`)."""
+    server (:func:`prestart_workers`) and end without an interpreter teardown; where there is
+    no fork server (or with ``DPTRAIN_NO_FAST_EXIT=1``) they are spawned and exit normally."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -529,8 +487,9 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     try:
         with _quiet_torch_loggers(), _agent_with_stop_grace(STOP_GRACE_S), _env(**env), \
                 _own_signal_handlers():
-            add, unset = _environment_delta(env) if forked else (env, ())
-            return elastic_launch(config, _WorkerMain(fn, fast_exit, forked, add, unset))(*args)
+            # inside _env(): a spawned worker inherits it, a forked one gets the difference
+            add, unset = _environment_delta() if forked else ({}, ())
+            return elastic_launch(config, _WorkerMain(fn, forked, add, unset))(*args)
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:

@@ -236,18 +236,13 @@ class LocalSGD(DistributedDataParallel):
         step) and costs ~25 µs per step. A subclass's own ``step`` is called as it is."""
         if type(opt).step is not PostLocalSGDOptimizer.step:
             return opt.step
-        cache = self.__dict__.setdefault("_local_steps", {})
-        if id(opt) not in cache:
-            from dptrain.optim import direct_step
+        local, _ = self._fast_step(opt.optim)  # direct_step, cached per optimizer
 
-            local = direct_step(opt.optim)
+        def step() -> None:
+            local()
+            opt.averager.average_parameters(params=opt.param_groups)
 
-            def step() -> None:
-                local()
-                opt.averager.average_parameters(params=opt.param_groups)
-
-            cache[id(opt)] = (opt, step)  # opt kept alive: its id stays its own
-        return cache[id(opt)][1]
+        return step
 
     # --- state
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,22 +38,15 @@ class ZeroDataParallel(DistributedDataParallel):
     name = "zero"
 
     def build_optimizer(self, cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        from dptrain import lazydynamo
         from dptrain.optim import optimizer_class, param_groups
 
-        lazydynamo.defer(torch.optim.Optimizer, ZeroRedundancyOptimizer)  # no dynamo import
         self.grad_clip = cfg.grad_clip
         kind, kwargs = optimizer_class(cfg)
         groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
         first, rest = (groups[0], groups[1:]) if isinstance(groups[0], dict) else (
             {"params": groups}, [])
         kwargs = {**kwargs, **{k: v for k, v in first.items() if k != "params"}}
-        opt = ZeroRedundancyOptimizer(first["params"], optimizer_class=kind, **kwargs)
-        for group in rest:  # e.g. the no-decay group: ZeRO partitions every group
-            opt.add_param_group(group)
-        return _direct_local_step(opt)
+        return _zero(kind, first["params"], kwargs, rest)  # rest: e.g. the no-decay group
 
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The user's optimizer as a ZeroRedundancyOptimizer of its class, with each param
@@ -62,12 +55,10 @@ class ZeroDataParallel(DistributedDataParallel):
 
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        from dptrain import lazydynamo
         from dptrain.errors import UsageError
 
         if isinstance(optimizer, ZeroRedundancyOptimizer):
             return optimizer
-        lazydynamo.defer(torch.optim.Optimizer, ZeroRedundancyOptimizer)
         if optimizer.state:
             raise UsageError("strategy zero shards the optimizer state, and this optimizer "
                              "already has some (it has stepped); pass a fresh optimizer, or "
@@ -77,11 +68,8 @@ class ZeroDataParallel(DistributedDataParallel):
         groups = [{k: v for k, v in g.items() if k == "params" or k in accepted}
                   for g in optimizer.param_groups]
         first = groups[0]
-        zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=kind,
-                                       **{k: v for k, v in first.items() if k != "params"})
-        for group in groups[1:]:
-            zero.add_param_group(group)
-        return _direct_local_step(zero)
+        return _zero(kind, first["params"], {k: v for k, v in first.items() if k != "params"},
+                     groups[1:])
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -135,14 +123,25 @@ class _NoState:
         return {}
 
 
-def _direct_local_step(zero: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """ZeRO's ``step`` runs its shard's update through the local optimizer's ``step``, whose
-    PyTorch wrapper imports ``torch._dynamo`` (2.3 s at a worker's first step) and costs ~25
-    µs per step: give the local optimizer :func:`dptrain.optim.direct_step`'s update instead,
-    the same function under ``no_grad`` (it falls back to the wrapper itself when hooks are
-    registered). ``zero`` is returned."""
+def _zero(kind: type, params: Any, kwargs: dict[str, Any], rest: list[dict[str, Any]]
+          ) -> torch.optim.Optimizer:
+    """A ZeroRedundancyOptimizer of ``kind`` over ``params`` with ``kwargs``, then the further
+    param groups ``rest`` (ZeRO partitions every group), built without importing
+    ``torch._dynamo``: ``add_param_group`` is dynamo-disabled (:mod:`dptrain.lazydynamo`), and
+    ZeRO's ``step`` runs its shard's update through the local optimizer's ``step``, whose
+    PyTorch wrapper imports dynamo (2.3 s at a worker's first step) and costs ~25 µs per step.
+    The local optimizer gets :func:`dptrain.optim.direct_step`'s update instead, the same
+    function under ``no_grad`` (it falls back to the wrapper itself when hooks are
+    registered)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from dptrain import lazydynamo
     from dptrain.optim import direct_step
 
+    lazydynamo.defer(torch.optim.Optimizer, ZeroRedundancyOptimizer)
+    zero = ZeroRedundancyOptimizer(params, optimizer_class=kind, **kwargs)
+    for group in rest:
+        zero.add_param_group(group)
     local = zero.optim
     fast = direct_step(local)
     if getattr(fast, "__self__", None) is not local:  # not direct_step's fallback
