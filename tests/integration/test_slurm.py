@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,19 @@ def _job(job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
 
 
+def _stepds_here(job_id: str) -> int:
+    """How many live ``slurmstepd`` of the job run on this machine (the cluster's one node)."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += cmd.startswith(f"slurmstepd: [{job_id}.".encode()) and state != "Z"
+    return count
+
+
 def _lines(path) -> int:
     try:
         return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
@@ -114,8 +128,11 @@ def test_requeue_job_checkpoints_on_usr1_requeues_and_finishes_bitwise(cluster, 
 
         def finished() -> bool:
             info = _job(job)
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                # SLURM holds a requeued job a while before it may start again; not here
+            if (info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+                    and not _stepds_here(job)):
+                # SLURM holds a requeued job 2 min before it may start again; here it starts
+                # once the first start's steps are gone (a stepd outlives srun by ~2 s, and a
+                # start before then is refused, "Job credential revoked", and the job ends)
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
                                capture_output=True, timeout=30)
             return info.get("JobState") == "COMPLETED"
