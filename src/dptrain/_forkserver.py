@@ -1,11 +1,20 @@
 """Imported by multiprocessing's fork server (dptrain.launch.WORKER_PRELOAD): the server ends
-without Python's interpreter teardown.
+without Python's interpreter teardown, and a worker whose launcher is stopping fails to start
+quietly.
 
 The server outlives the launcher by its teardown (~1 s with torch imported) and, holding the
 launcher's stdout and stderr for the workers it forks, keeps a pipe reading the launcher's
 output open that long. At its exit (the launcher is gone) an ``atexit`` handler ends it at
 once. The workers it forks inherit the handler but are other processes: it does nothing there;
 nor is it registered when anything but the server imports this module.
+
+A Ctrl-C can land while the launcher waits for a new worker's pid: the worker exists, but the
+launcher, not knowing it, stops without it and removes the semaphores the worker has yet to
+unpickle. The worker's failure to start (before any of its own code runs; an error from there
+on is reported by the worker itself) is then no news: it ends with status 1, silent, when a
+SIGINT or SIGTERM is pending there (the terminal's Ctrl-C reaches the whole process group, and
+the worker blocks SIGINT until it runs) or its launcher is gone. Any other failure to start is
+printed as multiprocessing prints it.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 
 
@@ -29,6 +39,8 @@ def _in_fork_server() -> bool:
 
 
 _SERVER = os.getpid()
+_LAUNCHER = os.getppid()  # in the server: the process that started it
+_HOOK = sys.excepthook
 
 
 def _end() -> None:
@@ -39,5 +51,41 @@ def _end() -> None:
         os._exit(0)
 
 
+def _launcher_stopping() -> bool:
+    """In a worker forked from the server: is its launcher stopping (a stop signal pending
+    here) or gone?"""
+    if signal.sigpending() & {signal.SIGINT, signal.SIGTERM}:
+        return True
+    try:  # a killed launcher can stay a zombie until its parent reaps it
+        with open(f"/proc/{_LAUNCHER}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc
+        pass
+    try:
+        os.kill(_LAUNCHER, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def _quiet_if_launcher_stopping(kind, value, tb) -> None:
+    """``sys.excepthook`` in the server and so in a worker until it runs (``restore_hook``):
+    what multiprocessing's fork server calls when a worker fails to start."""
+    if os.getpid() != _SERVER and _launcher_stopping():
+        return
+    _HOOK(kind, value, tb)
+
+
+def restore_hook() -> None:
+    """In a worker, once its own code runs: the excepthook it had before the fork server's."""
+    if sys.excepthook is _quiet_if_launcher_stopping:
+        sys.excepthook = _HOOK
+
+
 if _in_fork_server():
     atexit.register(_end)
+    sys.excepthook = _quiet_if_launcher_stopping

@@ -310,6 +310,9 @@ class _WorkerMain:
             os.environ.pop(name, None)
         os.environ.update(self.env)
         if self.forked:
+            from dptrain import _forkserver
+
+            _forkserver.restore_hook()
             _drop_server_keepalive()
         try:
             result = self.fn(*args)

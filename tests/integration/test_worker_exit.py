@@ -1,6 +1,8 @@
 """launch(..., fast_exit=True): a worker whose function returned skips the interpreter
 teardown, yet its result arrives, its atexit handlers run and its output is flushed; a result
-torch cannot send still fails the worker (no false success)."""
+torch cannot send still fails the worker (no false success). A worker that fails to start
+(before its own code runs) is silent when its launcher is stopping or gone, and says why
+otherwise."""
 
 from __future__ import annotations
 
@@ -78,3 +80,51 @@ def test_dptrain_no_fast_exit_spawns_the_workers(tmp_path):
                     "DPTRAIN_T_GONE": None, "GLOO_SOCKET_IFNAME": "lo"},
             "forked_from_server": False}
     assert _env_launch(tmp_path, DPTRAIN_NO_FAST_EXIT="1") == str([(0, view), (1, view)])
+
+
+def _fail_to_start(unpickle: str) -> subprocess.CompletedProcess:
+    """A worker forked from a fork server with dptrain's preload (SIGINT blocked, as
+    prestart_workers starts it) runs ``unpickle`` while it unpickles its arguments, then fails:
+    before any of its own code runs, as when its launcher removed a semaphore it needs."""
+    code = textwrap.dedent(f"""
+        import multiprocessing, signal
+        from multiprocessing import resource_tracker
+
+        class FailsToUnpickle:
+            def __reduce__(self):
+                return exec, ({unpickle + "; 1 / 0"!r},)
+
+        if __name__ == "__main__":
+            resource_tracker.ensure_running()  # as launch._sigint_blocked: it would unblock
+            signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+            multiprocessing.set_forkserver_preload(["dptrain._forkserver"])
+            worker = multiprocessing.get_context("forkserver").Process(
+                target=print, args=(FailsToUnpickle(),))
+            worker.start()
+            worker.join()
+            print("worker exit", worker.exitcode)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT,
+                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+
+
+def test_a_worker_that_fails_to_start_while_its_launcher_stops_is_silent():
+    # the terminal's Ctrl-C reached the worker too (pending: SIGINT is blocked until it runs)
+    proc = _fail_to_start("import os, signal; os.kill(os.getpid(), signal.SIGINT)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "worker exit 1\n" and proc.stderr == ""
+
+
+def test_a_worker_that_fails_to_start_after_its_launcher_died_is_silent():
+    proc = _fail_to_start(
+        "import os, signal, time, dptrain._forkserver as server; "
+        "os.kill(server._LAUNCHER, signal.SIGKILL); time.sleep(0.5)")
+    assert proc.returncode == -9 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+def test_a_worker_that_fails_to_start_otherwise_prints_why():  # the control
+    proc = _fail_to_start("pass")
+    assert proc.returncode == 0 and proc.stdout == "worker exit 1\n", proc.stderr
+    assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith(
+        "ZeroDivisionError: division by zero")
