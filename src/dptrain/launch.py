@@ -34,6 +34,7 @@ import os
 import re
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -396,6 +397,44 @@ def prestart_workers() -> None:
         _server_env = (pid, dict(os.environ))
 
 
+def _reap_fork_server_at_exit() -> None:
+    """Once workers have forked from the server (not for a command that failed before: a
+    server still importing its preload would delay its exit)."""
+    global _reaping
+    if not _reaping:
+        import atexit
+
+        atexit.register(_reap_fork_server)
+        _reaping = True
+
+
+_reaping = False
+
+
+def _reap_fork_server(wait_s: float = 1.0) -> None:
+    """At this process's exit: stop the fork server and reap it, as a process reaps its
+    children. Reaped, its CPU time and its workers' (which it reaps) count among this
+    process's children's (``getrusage``), as spawned workers' do: a benchmark that measures
+    what else loads the machine reads them there; unreaped, the server would end an orphan.
+    Waits at most ``wait_s``: a server still busy stops by itself when it is done."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid, fd = server._forkserver_pid, server._forkserver_alive_fd
+    if pid is None or fd is None:
+        return
+    server._forkserver_alive_fd = None
+    os.close(fd)  # the server's signal to stop
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.005)
+
+
 _server_env: tuple[int | None, dict[str, str]] | None = None  # the fork server's pid, its env
 
 
@@ -465,6 +504,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     forked = fast_exit and fork_server_usable()
     if forked:
         prestart_workers()
+        _reap_fork_server_at_exit()
     store, env = None, {}
     if nnodes == 1:
         store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)

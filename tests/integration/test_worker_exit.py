@@ -128,3 +128,31 @@ def test_a_worker_that_fails_to_start_otherwise_prints_why():  # the control
     assert proc.returncode == 0 and proc.stdout == "worker exit 1\n", proc.stderr
     assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith(
         "ZeroDivisionError: division by zero")
+
+
+def test_the_fork_server_and_its_workers_are_reaped_with_the_launcher():
+    """Their CPU time counts among the launcher's children's (getrusage), as spawned workers'
+    does (benchmarks that measure what else loads the machine read it there), and no orphan
+    server is left."""
+    inner = textwrap.dedent("""
+        import resource
+        from dptrain.launch import launch
+        from tests.integration.workers import busy_worker
+        workers = launch(busy_worker, (0.5,), nproc=2, fast_exit=True)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        print(sum(workers.values()) + me.ru_utime + me.ru_stime)
+    """)
+    outer = textwrap.dedent(f"""
+        import resource, subprocess, sys
+        run = subprocess.run([sys.executable, "-c", {inner!r}], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(run.stdout.split()[-1], kids.ru_utime + kids.ru_stime)
+    """)
+    proc = subprocess.run([sys.executable, "-c", outer], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT,
+                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    workers_and_launcher, children = map(float, proc.stdout.split())
+    assert workers_and_launcher > 1.0  # the two workers' 0.5 s each, at least
+    assert children >= workers_and_launcher

@@ -79,3 +79,15 @@ def env_worker(names: list[str]) -> dict[str, Any]:
     parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     return {"env": {n: os.environ.get(n) for n in names},
             "forked_from_server": b"multiprocessing.forkserver" in parent}
+
+
+def busy_worker(cpu_s: float) -> float:
+    """Spin for ``cpu_s`` seconds of CPU; return the CPU seconds this process used."""
+    import resource
+    import time
+
+    start = time.process_time()
+    while time.process_time() - start < cpu_s:
+        pass
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
