@@ -14,7 +14,7 @@ optimizer steps (``--max-steps``) in every run, each run a fresh ``dptrain train
   their samples/s is what 2 processes can do on this machine with perfect communication.
   Started together, one often trains while the other still imports and loads, so the script
   also reports ``ceiling_concurrent``: their samples/s over the window in which both were
-  training (cut on their ``metrics.jsonl`` records, every ``LOG_EVERY`` = 10 steps in all runs).
+  training (cut on their ``metrics.jsonl`` records, one per step in all runs: ``LOG_EVERY``).
 
 The figure of each run is ``train_samples_per_s`` from ``summary.json`` (global, warm-up step
 excluded, evaluation excluded).
@@ -38,7 +38,10 @@ measured WITHOUT running 2-process DDP training:
 * the ceiling run: how two processes contend for the cores, the contention factor
   ``k(2) = (2 batch / ceiling samples_per_s) / (batch / single samples_per_s)``, with the
   ceiling's common-window rate (``ceiling_concurrent``; the whole-run sum if that window is
-  under 1 s);
+  under 1 s); and, from the same window, the two processes' per-step times: DDP waits for the
+  slower process at every step, so the step is ``straggler_factor`` = E[max of 2 step times] /
+  E[step time] longer (each step's times taken as independent; the prediction without this
+  factor is saved beside it, ``without_straggler``);
 * an all-reduce sweep among 2 fresh processes with ``dptrain.bench.comm.comm_worker`` (what
   ``dptrain bench`` runs: one all-reduce of each size timed after a barrier, slowest rank,
   median of ``--comm-iters``) over the shared-memory path and over gloo, fitted with
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -76,7 +80,7 @@ BUCKET_CAP_MB = 25.0  # dptrain train's default --bucket-cap-mb
 TARGET_OF_CEILING = 0.95
 TARGET_ERROR_PCT = 10.0
 TARGET_SPEEDUP = 1.7
-LOG_EVERY = 10  # steps between metrics.jsonl records: the ceiling's common window is cut on them
+LOG_EVERY = 1  # steps between metrics.jsonl records: per-step times, and the ceiling's window
 RATIOS = {  # name -> (numerator, denominator)
     "ddp2_over_ceiling": ("ddp2", "ceiling"),
     "ddp2_over_single": ("ddp2", "single"),
@@ -110,25 +114,34 @@ def round_ratios(sps: dict[str, float]) -> dict[str, float]:
 
 
 def predict_ddp2(*, base_sps: float, single_sps: float, ceiling_sps: float, batch: int,
-                 grad_bytes: int, fit: P.Fit, bucket_cap_mb: float = BUCKET_CAP_MB
-                 ) -> dict[str, Any]:
+                 grad_bytes: int, fit: P.Fit, bucket_cap_mb: float = BUCKET_CAP_MB,
+                 step_times: Sequence[float] | None = None) -> dict[str, Any]:
     """dptrain's prediction of 2-process DDP samples/s (nothing from a 2-process DDP run).
 
     ``base_sps``: the 1-process run the step time comes from (``dptrain bench`` bases its
     predictions on 1-process DDP, which carries DDP's own per-step work); ``single_sps`` and
     ``ceiling_sps``: one plain process alone and two together, for the contention factor;
-    ``fit``: the all-reduce cost.
+    ``fit``: the all-reduce cost; ``step_times``: the ceiling's per-step times (both
+    processes), for :func:`dptrain.bench.predict.straggler_factor` (1 without them).
     """
     step1 = batch / base_sps  # one process: all of its step (data included)
     step_single = batch / single_sps
     step_ceiling = 2 * batch / ceiling_sps  # per process, two processes without communication
     measured_k = {2: step_ceiling / step_single}
-    rows = P.scaling_table(
-        compute_s=step1, data_s=0.0, batch=batch, grad_bytes=grad_bytes,
-        bucket_cap_mb=bucket_cap_mb, cost=fit.time,
-        contention=lambda n: P.contention_factor(n, measured_k, cpu=True), ns=(2,))
-    row = rows[0]
+    straggler = P.straggler_factor(step_times, 2) if step_times else 1.0
+
+    def predicted(factor: float) -> dict[str, float]:
+        return P.scaling_table(
+            compute_s=step1, data_s=0.0, batch=batch, grad_bytes=grad_bytes,
+            bucket_cap_mb=bucket_cap_mb, cost=fit.time,
+            contention=lambda n: P.contention_factor(n, measured_k, cpu=True),
+            straggler=lambda n: factor, ns=(2,))[0]
+
+    row, plain = predicted(straggler), predicted(1.0)
     return {"predicted_samples_per_s": row["samples_per_s"], "predicted_step_s": row["step_s"],
+            "without_straggler": {"predicted_samples_per_s": plain["samples_per_s"],
+                                  "predicted_step_s": plain["step_s"]},
+            "straggler_factor": straggler,
             "step_1proc_s": step1, "step_single_s": step_single,
             "step_ceiling_per_proc_s": step_ceiling,
             "contention_factor": measured_k[2], "comm_exposed_s": row["comm_exposed_s"],
@@ -161,7 +174,37 @@ def concurrent_rate(logs: Sequence[Sequence[Sequence[float]]], batch: int,
         raise AssertionError("t outside the log")
 
     rates = [batch * (step_at(log, end) - step_at(log, start)) / (end - start) for log in logs]
-    return {"samples_per_s": sum(rates), "per_process": rates, "window_s": end - start}
+    return {"samples_per_s": sum(rates), "per_process": rates, "window_s": end - start,
+            "start": start, "end": end}
+
+
+def step_times(log: Sequence[Sequence[float]], start: float = -math.inf,
+               end: float = math.inf) -> list[float]:
+    """Seconds per step between consecutive ``[time, step]`` records within ``[start, end]``
+    (a record covering several steps counts as that many steps of its mean time)."""
+    times = []
+    for (t0, s0), (t1, s1) in zip(log, log[1:], strict=False):
+        if start <= t0 and t1 <= end and s1 > s0:
+            times.extend([(t1 - t0) / (s1 - s0)] * int(s1 - s0))
+    return times
+
+
+def ceiling_step_times(run: dict[str, Any]) -> list[float]:
+    """Both ceiling processes' per-step times, over the window in which both trained (the
+    whole runs where there is none)."""
+    both = run.get("concurrent") or {}
+    start, end = both.get("start", -math.inf), both.get("end", math.inf)
+    return [t for part in run["parts"] for t in step_times(part["log"], start, end)]
+
+
+def time_stats(times: Sequence[float]) -> dict[str, Any] | None:
+    """Mean, median, 90th percentile and coefficient of variation of per-step times."""
+    if len(times) < 2:
+        return None
+    mean = statistics.fmean(times)
+    return {"mean_s": mean, "median_s": statistics.median(times),
+            "p90_s": statistics.quantiles(times, n=10)[-1],
+            "cv": statistics.stdev(times) / mean, "steps": len(times)}
 
 
 def ceiling_for_prediction(run: dict[str, Any]) -> tuple[float, str]:
@@ -203,6 +246,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
         "grad_bytes": summary.get("grad_bytes"),
         "test_accuracy": summary["test_accuracy"],
         "window": [log[0][0], log[-1][0]] if len(log) >= 2 else None,
+        "step_times": time_stats(step_times(log)),
         "log": log,
     }
 
@@ -366,10 +410,13 @@ def main(argv: list[str] | None = None) -> int:
             rnd: dict[str, Any] = {"round": r, "order": steps, "samples_per_s": sps,
                                    "ratios": round_ratios(sps), "prediction": {}}
             ceiling_sps, ceiling_source = ceiling_for_prediction(here["ceiling"])
+            ceiling_times = ceiling_step_times(here["ceiling"])
+            rnd["ceiling_step_times"] = time_stats(ceiling_times)
             for cfg in COMM_PATHS:
                 fit = P.Fit(**here[f"comm:{cfg}"]["fit"])
                 common = dict(single_sps=sps["single"], ceiling_sps=ceiling_sps,
-                              batch=args.batch_size, grad_bytes=grad_bytes, fit=fit)
+                              batch=args.batch_size, grad_bytes=grad_bytes, fit=fit,
+                              step_times=ceiling_times)
                 pred = predict_ddp2(base_sps=sps["ddp1"], **common)
                 pred["base"] = "ddp1"
                 # the same from the plain 1-process run: misses DDP's own per-step work
@@ -382,13 +429,18 @@ def main(argv: list[str] | None = None) -> int:
                 pred["allreduce_path"] = here[f"comm:{cfg}"]["allreduce"]
                 pred["measured_samples_per_s"] = sps[cfg]
                 pred["error_pct"] = P.prediction_error(pred["predicted_samples_per_s"], sps[cfg])
+                pred["without_straggler"]["error_pct"] = P.prediction_error(
+                    pred["without_straggler"]["predicted_samples_per_s"], sps[cfg])
                 rnd["prediction"][cfg] = pred
             rounds.append(rnd)
             print(
                 f"  round {r + 1}: DDP/ceiling {rnd['ratios']['ddp2_over_ceiling']:.3f}  "
                 f"DDP/1-proc {rnd['ratios']['ddp2_over_single']:.2f}x  "
                 f"predicted {rnd['prediction']['ddp2']['predicted_samples_per_s']:,.0f} "
-                f"({rnd['prediction']['ddp2']['error_pct']:+.1f} %)", flush=True)
+                f"({rnd['prediction']['ddp2']['error_pct']:+.1f} %; straggler factor "
+                f"{rnd['prediction']['ddp2']['straggler_factor']:.3f}, without it "
+                f"{rnd['prediction']['ddp2']['without_straggler']['error_pct']:+.1f} %)",
+                flush=True)
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = list(os.getloadavg())
 
@@ -401,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
               for cfg in COMM_PATHS}
     errors_single = {cfg: spread([rnd["prediction"][cfg]["from_single"]["error_pct"]
                                   for rnd in rounds]) for cfg in COMM_PATHS}
+    errors_plain = {cfg: spread([rnd["prediction"][cfg]["without_straggler"]["error_pct"]
+                                 for rnd in rounds]) for cfg in COMM_PATHS}
+    stragglers = spread([rnd["prediction"]["ddp2"]["straggler_factor"] for rnd in rounds])
     of_ceiling = ratios["ddp2_over_ceiling"]["median"]
     speedup = ratios["ddp2_over_single"]["median"]
     err = errors["ddp2"]["median"]
@@ -443,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             "ceiling_concurrent_over_single": ratios["ceiling_concurrent_over_single"],
             "prediction_error_pct": errors,
             "prediction_error_pct_from_single_instead_of_ddp1": errors_single,
+            "prediction_error_pct_without_straggler": errors_plain,
+            "straggler_factor": stragglers,
             "targets": targets,
         },
         "prediction_inputs": (
@@ -460,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
             "from an alpha-beta fit to an all-reduce sweep between 2 fresh processes "
             "(dptrain.bench.comm.comm_worker, as dptrain bench measures it: barrier, slowest "
             "rank, median of comm_iters), over shared memory for ddp2 and gloo for "
-            "ddp2_gloo. Predicted step = k(2) x ddp1 step + exposed all-reduce (all of "
-            "it: one bucket); predicted samples/s = 2 batch / step. Error = 100 (predicted - "
-            "measured) / measured."),
+            "ddp2_gloo; (4) the straggler factor s(2) = E[max of 2] / mean of the ceiling's "
+            "per-step times in that window (both processes pooled, taken as independent: "
+            "dptrain.bench.predict.straggler_factor). Predicted step = s(2) x k(2) x ddp1 "
+            "step + exposed all-reduce (all of it: one bucket); predicted samples/s = 2 batch "
+            "/ step; without_straggler: s(2) = 1. Error = 100 (predicted - measured) / "
+            "measured."),
         "prediction_assumptions": P.describe_assumptions(),
         "rounds": rounds,
         "samples_per_s": stats,
@@ -498,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
         s = errors[cfg]
         a = errors_single[cfg]
         print(f"  prediction error {cfg:<9} median {s['median']:+6.1f} %  "
-              f"({s['min']:+.1f} to {s['max']:+.1f} %); based on the plain process instead "
+              f"({s['min']:+.1f} to {s['max']:+.1f} %); without the straggler factor "
+              f"{errors_plain[cfg]['median']:+.1f} %; based on the plain process instead "
               f"of 1-process DDP: {a['median']:+.1f} %")
+    print(f"  straggler factor s(2) median {stragglers['median']:.3f} "
+          f"({stragglers['min']:.3f}-{stragglers['max']:.3f})")
     print(f"targets: DDP/ceiling >= {TARGET_OF_CEILING}: "
           f"{check(of_ceiling, targets['ddp2_over_ceiling_met'])}; "
           f"DDP/1-proc >= {TARGET_SPEEDUP}x: {check(speedup, targets['speedup_met'])}; "

@@ -224,7 +224,7 @@ class Reporter:
     def metrics(self, step: int, epoch: int, **values: Any) -> None:
         if not self.active:
             return
-        record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **values}
+        record = {"step": step, "epoch": epoch, "time": round(time.time(), 6), **values}
         for logger in self._loggers:
             logger.log_metrics(step, record)
 

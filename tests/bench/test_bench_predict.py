@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from dptrain.bench import predict as P
@@ -177,3 +178,37 @@ def test_target_compute_makes_communication_matter() -> None:
 def test_assumptions_name_the_compute_source() -> None:
     assert "this machine's 1-process compute" in P.describe_assumptions()[4]
     assert "H100 says so" in P.describe_assumptions(target_source="H100 says so")[4]
+
+
+
+def test_expected_max_order_statistics() -> None:
+    xs = [1.0, 2.0, 3.0, 4.0]
+    assert P.expected_max(xs, 1) == pytest.approx(2.5)
+    # the largest of 2 draws: x_(k) with probability (k^2 - (k-1)^2) / 16
+    assert P.expected_max(xs, 2) == pytest.approx((1 * 1 + 2 * 3 + 3 * 5 + 4 * 7) / 16)
+    assert P.expected_max(xs, 1000) == pytest.approx(4.0)
+    assert P.expected_max([5.0] * 7, 8) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        P.expected_max([], 2)
+
+
+def test_expected_max_matches_sampling() -> None:
+    rng = np.random.default_rng(0)
+    xs = rng.exponential(1.0, 4000)
+    draws = rng.choice(xs, size=(200_000, 4)).max(axis=1).mean()
+    assert P.expected_max(xs, 4) == pytest.approx(draws, rel=0.01)
+
+
+def test_straggler_factor_grows_with_n_and_is_1_without_spread() -> None:
+    times = [0.036, 0.044] * 10
+    assert P.straggler_factor(times, 1) == pytest.approx(1.0)
+    assert P.straggler_factor(times, 2) == pytest.approx(1.05)
+    assert P.straggler_factor(times, 4) > P.straggler_factor(times, 2)
+    assert P.straggler_factor([0.04] * 9, 64) == pytest.approx(1.0)
+
+
+def test_scaling_table_straggler_scales_compute_and_data() -> None:
+    free = lambda nbytes, n: 0.0  # noqa: E731
+    [row] = P.scaling_table(compute_s=0.03, data_s=0.01, batch=64, grad_bytes=1000,
+                            bucket_cap_mb=25.0, cost=free, straggler=lambda n: 1.1, ns=(2,))
+    assert row["step_s"] == pytest.approx(0.044)

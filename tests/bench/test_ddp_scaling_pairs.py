@@ -110,3 +110,23 @@ def test_ceiling_for_prediction_prefers_the_common_window(ds) -> None:
     assert ds.ceiling_for_prediction(run) == (3300.0, "concurrent window")
     sps, source = ds.ceiling_for_prediction({"samples_per_s": 3000.0, "concurrent": None})
     assert sps == 3000.0 and source.startswith("whole runs")
+
+
+def test_predict_ddp2_waits_for_the_slower_process(ds) -> None:
+    # the ceiling's per-step times: 36 or 44 ms, equally often (mean 40 ms); two processes
+    # drawing independently: the slower is 44 ms 3 times in 4, E[max] = 42 ms (factor 1.05)
+    fit = P.Fit(alpha_s=0.0, beta_Bps=float("inf"), rel_rms=0.0, points=2)
+    out = ds.predict_ddp2(base_sps=2000.0, single_sps=2000.0, ceiling_sps=3200.0, batch=64,
+                          grad_bytes=116_136, fit=fit, step_times=[0.036, 0.044] * 50)
+    assert out["straggler_factor"] == pytest.approx(1.05)
+    assert out["predicted_step_s"] == pytest.approx(0.042)
+    assert out["without_straggler"]["predicted_step_s"] == pytest.approx(0.040)
+
+
+def test_step_times_per_step_within_the_window(ds) -> None:
+    log = [[0.0, 0.0], [0.1, 1.0], [0.3, 2.0], [0.6, 5.0], [0.7, 6.0]]
+    assert ds.step_times(log) == pytest.approx([0.1, 0.2, 0.1, 0.1, 0.1, 0.1])
+    assert ds.step_times(log, start=0.1, end=0.6) == pytest.approx([0.2, 0.1, 0.1, 0.1])
+    run = {"parts": [{"log": log}, {"log": [[0.2, 0.0], [0.5, 1.0], [0.9, 2.0]]}],
+           "concurrent": {"start": 0.2, "end": 0.7}}
+    assert ds.ceiling_step_times(run) == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.3])

@@ -20,6 +20,11 @@ first). Assumptions, stated once here and in the report:
   all buckets but the last can hide under the rest of backward; what ends after backward is
   exposed -- with a single bucket, all of it is;
 * compute does not slow down while communicating (no contention between the two).
+
+Processes that all-reduce every step wait for the slowest at every step. Where per-step times
+of processes running side by side are known (without communication), :func:`straggler_factor`
+turns them into the expected slowest of ``n`` (each step's times independent across processes
+and steps).
 """
 
 from __future__ import annotations
@@ -166,6 +171,31 @@ def predict_step(*, compute_s: float, data_s: float, global_batch_per_proc: int,
             "data_s": data_s, "buckets": len(buckets)}
 
 
+def expected_max(samples: Sequence[float], n: int) -> float:
+    """E[max of ``n`` independent draws] from the empirical distribution of ``samples``.
+
+    With the samples sorted, ``x_(k)`` is the largest of ``n`` draws with probability
+    ``(k/m)^n - ((k-1)/m)^n``. ``n = 1`` gives the mean.
+
+    Raises:
+        ValueError: no samples, or ``n < 1``.
+    """
+    xs = np.sort(np.asarray(samples, dtype=float))
+    if xs.size == 0 or n < 1:
+        raise ValueError("expected_max needs at least one sample and n >= 1")
+    m = len(xs)
+    cdf = np.arange(m + 1, dtype=float) / m
+    weights = cdf[1:] ** n - cdf[:-1] ** n
+    return float(np.dot(weights, xs))
+
+
+def straggler_factor(step_times: Sequence[float], n: int) -> float:
+    """How much longer a step is when ``n`` processes wait for the slowest of them at every
+    step: E[max of n step times] / E[step time], from per-step times measured with the
+    processes side by side but not waiting for each other (1 for ``n = 1``)."""
+    return expected_max(step_times, n) / expected_max(step_times, 1)
+
+
 def contention_factor(n: int, measured: dict[int, float], cpu: bool) -> float:
     """How much slower one process's compute is with ``n`` processes on this machine.
 
@@ -187,16 +217,20 @@ def scaling_table(*, compute_s: float, data_s: float, batch: int, grad_bytes: in
                   bucket_cap_mb: float, cost: Callable[[float, int], float],
                   contention: Callable[[int], float] | None = None,
                   data_contention: Callable[[int], float] | None = None,
+                  straggler: Callable[[int], float] | None = None,
                   ns: Sequence[int] = PREDICT_N) -> list[dict[str, float]]:
     """Predictions for each ``n``; efficiency relative to the model's own ``n = 1``.
 
     ``contention(n)`` and ``data_contention(n)`` scale the 1-process compute and data times
     (see :func:`contention_factor`); without them each process runs as fast as one alone.
+    ``straggler(n)`` (see :func:`straggler_factor`) scales both once more: the step waits for
+    the slowest process.
     """
     rows = []
     for n in ns:
-        k = contention(n) if contention else 1.0
-        kd = data_contention(n) if data_contention else 1.0
+        s = straggler(n) if straggler else 1.0
+        k = (contention(n) if contention else 1.0) * s
+        kd = (data_contention(n) if data_contention else 1.0) * s
         rows.append(predict_step(compute_s=compute_s * k, data_s=data_s * kd,
                                  global_batch_per_proc=batch, n=n, grad_bytes=grad_bytes,
                                  bucket_cap_mb=bucket_cap_mb, cost=cost))
