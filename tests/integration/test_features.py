@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dptrain.cli import run_training
@@ -140,6 +141,7 @@ def kill_a_worker_then_restart(args: list[str], tmp_path: Path,
     return json.loads((tmp_path / "killed" / "summary.json").read_text())
 
 
+@pytest.mark.extended  # make test: test_faults.py kills 3 times, each resuming bitwise
 def test_kill_9_a_worker_then_elastic_restart_resumes_bitwise(tmp_path):
     summary = kill_a_worker_then_restart(
         ["train", *SYN, "--nproc", "2", "--model", "cnn", "--batch-size", "16",

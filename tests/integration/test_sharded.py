@@ -91,6 +91,7 @@ def test_another_global_batch_is_refused_with_the_settings_that_keep_it(tmp_path
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
 
 
+@pytest.mark.extended  # make test: test_dcp.py's kill -9 during an FSDP save, then restart
 def test_kill_9_a_worker_during_fsdp_then_restart_finishes_bitwise(tmp_path):
     summary = kill_a_worker_then_restart(
         ["train", "--dataset", "synthetic", "--threads", "1", "--strategy", "fsdp", "--nproc",
