@@ -224,3 +224,22 @@ def test_micro_step_is_timed_for_real() -> None:
     assert r["step_s"] > 0 and r["steps"] <= 30
     # normally several steps; on a badly overloaded machine one, and then it says so
     assert (r["steps"] >= 3) == (r["note"] is None)
+
+
+def test_predictions_beyond_the_measured_n_wait_for_the_slowest(configs: list[Config]) -> None:
+    """ddp n=2's ranks computed 9.5 and 10.5 ms per step (3 steps each): pooled, E[max of 2]
+    is 10.25 ms and E[max of 4] 10.4375 ms, against a 10 ms mean."""
+    fit = P.Fit(alpha_s=1e-5, beta_Bps=1e10, rel_rms=0.0, points=4)
+    gpu = predictions(configs, fit, cpu=False, bucket_cap_mb=25)
+    assert gpu["straggler"] == {"from": "ddp n=2", "measured_n": 2, "step_times": 6}
+    rows = {r["n"]: r for r in gpu["links"]["measured link (this machine)"]["rows"]}
+    assert rows[1]["straggler"] == rows[2]["straggler"] == 1.0  # measured there
+    assert rows[4]["straggler"] == pytest.approx(1.04375)  # no contention model: vs 1 process
+    comm = P.allreduce_time(GRAD, 4, 1e-5, 1e10)
+    compute1, data1 = gpu["compute_1_s"], gpu["data_1_s"]
+    assert rows[4]["step_s"] == pytest.approx((compute1 + data1) * 1.04375 + comm)
+    # the stated links have no per-step times of their device: no factor
+    assert all(r["straggler"] == 1.0 for r in gpu["links"]["NVLink (300 GB/s, 5 µs)"]["rows"])
+    cpu = predictions(configs, fit, cpu=True, bucket_cap_mb=25)
+    rows = {r["n"]: r for r in cpu["links"]["measured link (this machine)"]["rows"]}
+    assert rows[4]["straggler"] == pytest.approx(10.4375 / 10.25)  # beyond n=2's slowest

@@ -64,6 +64,24 @@ def _mean(config: Config, key: str) -> float:
     return config.summary[key]["mean"]
 
 
+def step_times(config: Config) -> list[float]:
+    """Every rank's per-step compute times without gradient sync, over all repeats."""
+    return [t for rep in config.repeats for rank in rep.get("ranks", [])
+            for t in rank.get("nosync_times_s", [])]
+
+
+def straggler(n: int, measured_n: int, times: list[float], cpu: bool) -> float:
+    """The step's growth from waiting for the slowest of ``n`` processes, from the per-step
+    ``times`` measured at ``measured_n`` (1 up to ``measured_n``, whose slowest-rank compute
+    is measured). On CPU the contention factor beyond ``measured_n`` already holds that
+    slowest rank (see :func:`dptrain.bench.predict.contention_factor`): the growth is relative
+    to it; elsewhere (no contention model) relative to one process."""
+    if n <= measured_n or len(times) < 2:
+        return 1.0
+    base = P.straggler_factor(times, measured_n) if cpu else 1.0
+    return P.straggler_factor(times, n) / base
+
+
 def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
                 bucket_cap_mb: float, fit_note: str | None = None,
                 target: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -104,11 +122,16 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
     factors = {n: _mean(c, "compute_slowest_s") / compute1 for n, c in ddp.items()}
     data_factors = {n: _mean(c, "data_s") / data1 if data1 > 0 else 1.0
                     for n, c in ddp.items()}
+    widest = max(ddp) if ddp else 1
+    times = step_times(ddp.get(widest, base))
+    out["straggler"] = {"from": ddp.get(widest, base).name, "measured_n": widest,
+                        "step_times": len(times)}
     if fit is not None:
         table = P.scaling_table(
             **common, cost=fit.time,
             contention=lambda n: P.contention_factor(n, factors, cpu),
-            data_contention=lambda n: P.contention_factor(n, data_factors, cpu))
+            data_contention=lambda n: P.contention_factor(n, data_factors, cpu),
+            straggler=lambda n: straggler(n, widest, times, cpu))
         out["links"]["measured link (this machine)"] = {
             "alpha_s": fit.alpha_s, "beta_Bps": fit.beta_Bps, "contention": True,
             "compute": {"compute_s": compute1, "data_s": data1,

@@ -234,6 +234,7 @@ def scaling_table(*, compute_s: float, data_s: float, batch: int, grad_bytes: in
         rows.append(predict_step(compute_s=compute_s * k, data_s=data_s * kd,
                                  global_batch_per_proc=batch, n=n, grad_bytes=grad_bytes,
                                  bucket_cap_mb=bucket_cap_mb, cost=cost))
+        rows[-1]["straggler"] = s
     one = predict_step(compute_s=compute_s, data_s=data_s, global_batch_per_proc=batch, n=1,
                        grad_bytes=grad_bytes, bucket_cap_mb=bucket_cap_mb, cost=cost)
     for row in rows:
@@ -279,6 +280,11 @@ def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION,
         "largest measured N on CPU, processes share the cores with the effective parallelism "
         "S fitted at that N (compute and data time ×max(1, N/S): once the cores are full, "
         "more processes add no throughput)",
+        "measured link, beyond the largest measured N (M): every step waits for the slowest "
+        "process: ×E[max of N]/E[step] of the per-step compute times measured at M (all "
+        "ranks, taken as independent), over E[max of M]/E[step] on CPU, whose contention "
+        "factor holds the slowest rank at M; from a few dozen samples this cannot exceed "
+        "the slowest step seen, so it understates the tail at large N",
     ]
 
 

@@ -161,6 +161,15 @@ def prediction_rows(pred: dict[str, Any]) -> list[str]:
         cells = [f"{links[n]['rows'][i]['samples_per_s']:,.0f} "
                  f"({links[n]['rows'][i]['efficiency']:.2f})" for n in names]
         rows.append(f"| {row['n']} | " + " | ".join(cells) + " |")
+    measured = links.get("measured link (this machine)")
+    strag = pred.get("straggler")
+    if measured and strag:
+        grown = [f"N = {r['n']}: ×{r['straggler']:.3f}" for r in measured["rows"]
+                 if r.get("straggler", 1.0) > 1.0]
+        if grown:
+            rows += ["", f"Measured link beyond N = {strag['measured_n']}: each step waits for "
+                     f"the slowest process, from {strag['step_times']} per-step compute times "
+                     f"of {strag['from']} (" + ", ".join(grown) + ")."]
     return rows
 
 
