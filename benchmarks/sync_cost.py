@@ -15,6 +15,13 @@ the headline is the median over rounds of each mode's ratio to ``none`` in the s
 If ``ddp_shm`` matches ``sync``, what separates DDP from the ceiling is waiting for the slower
 process at every step (per-step jitter), not the all-reduce.
 
+Per step, every worker also records its compute time (the step less the all-reduce) and, in
+``sync``, the all-reduce's time (the wait for the other process, mostly). From ``none``'s
+per-step compute times of the two processes, ``E[max(A, B)]`` (each process's own
+distribution, steps independent) is what ``sync``'s step would be if waiting for the slower
+process were all it cost; the script compares it with ``sync``'s measured step, and ``sync``'s
+compute with ``none``'s (does computing in lock-step slow the compute itself?).
+
     python benchmarks/sync_cost.py --rounds 5
 """
 
@@ -69,17 +76,26 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     one = torch.zeros(1)
+    compute_ms, wait_ms = [], []
     for i in range(WARMUP + steps):
         if i == WARMUP:
             t0 = time.perf_counter()
+        start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
+        waited = 0.0
         if mode == "sync":
+            w0 = time.perf_counter()
             dist.all_reduce(one)
+            waited = time.perf_counter() - w0
         opt.step()
+        if i >= WARMUP:
+            compute_ms.append(1e3 * (time.perf_counter() - start - waited))
+            wait_ms.append(1e3 * waited)
     ms = 1e3 * (time.perf_counter() - t0) / steps
-    print(json.dumps({"rank": rank, "mode": mode, "step_ms": ms}), flush=True)
+    print(json.dumps({"rank": rank, "mode": mode, "step_ms": ms, "compute_ms": compute_ms,
+                      "wait_ms": wait_ms}), flush=True)
     # no destroy_process_group: tearing down gloo under DDP once hung both ranks here
     os._exit(0)
 
@@ -104,8 +120,34 @@ def run_mode(mode: str, steps: int) -> dict[str, Any]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    step_ms = [r["step_ms"] for r in sorted(ranks, key=lambda r: r["rank"])]
-    return {"mode": mode, "step_ms": step_ms, "samples_per_s": sum(64e3 / t for t in step_ms)}
+    ranks.sort(key=lambda r: r["rank"])
+    step_ms = [r["step_ms"] for r in ranks]
+    return {"mode": mode, "step_ms": step_ms, "samples_per_s": sum(64e3 / t for t in step_ms),
+            "compute_ms_mean": [statistics.fmean(r["compute_ms"]) for r in ranks],
+            "wait_ms_mean": [statistics.fmean(r["wait_ms"]) for r in ranks],
+            "compute_ms": [r["compute_ms"] for r in ranks]}
+
+
+def expected_slower(a: list[float], b: list[float]) -> float:
+    """E[max(A, B)] with A, B drawn independently from the samples ``a`` and ``b``."""
+    import numpy as np
+
+    return float(np.maximum.outer(np.asarray(a), np.asarray(b)).mean())
+
+
+def lockstep(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``sync``'s step against waiting-for-the-slower alone (from ``none``), and its compute
+    against ``none``'s."""
+    none, sync = runs["none"], runs["sync"]
+    slower = expected_slower(*none["compute_ms"])
+    sync_step = statistics.fmean(sync["step_ms"])
+    none_compute = statistics.fmean(none["compute_ms_mean"])
+    sync_compute = statistics.fmean(sync["compute_ms_mean"])
+    return {"none_compute_ms": none_compute, "expected_slower_ms": slower,
+            "sync_step_ms": sync_step, "sync_compute_ms": sync_compute,
+            "sync_wait_ms": statistics.fmean(sync["wait_ms_mean"]),
+            "sync_step_over_expected_slower": sync_step / slower,
+            "sync_compute_over_none_compute": sync_compute / none_compute}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = {m: run_mode(m, args.steps) for m in order}
         base = runs["none"]["samples_per_s"]
         ratios = {m: runs[m]["samples_per_s"] / base for m in MODES}
+        split = lockstep(runs)
+        for run in runs.values():
+            run.pop("compute_ms")  # the raw per-step lists: summarised in split
         rounds.append({"order": list(order), "cpu_busy_before": busy, "runs": runs,
-                       "ratio_to_none": ratios})
+                       "ratio_to_none": ratios, "lockstep": split})
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{m} {runs[m]['samples_per_s']:,.0f} ({ratios[m]:.3f})" for m in MODES), flush=True)
+            f"{m} {runs[m]['samples_per_s']:,.0f} ({ratios[m]:.3f})" for m in MODES)
+              + f"  sync step / E[slower] {split['sync_step_over_expected_slower']:.3f}, "
+              f"sync compute / none compute {split['sync_compute_over_none_compute']:.3f}",
+              flush=True)
     headline = {m: {"median": statistics.median(x["ratio_to_none"][m] for x in rounds),
                     "min": min(x["ratio_to_none"][m] for x in rounds),
                     "max": max(x["ratio_to_none"][m] for x in rounds)} for m in MODES}
@@ -135,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
               "config": {"model": "convnet", "batch_per_process": 64, "threads_per_process": 1,
                          "steps": args.steps, "warmup_steps": WARMUP, "rounds": args.rounds,
                          "data": "one fixed synthetic batch per process"},
-              "rounds": rounds, "ratio_to_none_median": headline}
+              "rounds": rounds, "ratio_to_none_median": headline,
+              "lockstep_median": {k: statistics.median(x["lockstep"][k] for x in rounds)
+                                  for k in rounds[0]["lockstep"]}}
     for m in MODES[1:]:
         h = headline[m]
         print(f"{m:9s} / none: median {h['median']:.3f} ({h['min']:.3f}-{h['max']:.3f})")
+    for k, v in result["lockstep_median"].items():
+        print(f"  {k}: median {v:.3f}")
     print(f"wrote {write_result(result, args.out)}")
     return 0
 

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from dptrain.bench import predict as P
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_scaling.py"
+from tests.bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ds():
-    spec = importlib.util.spec_from_file_location("ddp_scaling_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ddp_scaling")
 
 
 def test_round_order_alternates_abba(ds) -> None:
