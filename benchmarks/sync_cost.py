@@ -13,7 +13,7 @@ synthetic batch: no data loading) side by side, four ways, rotating the order ev
 The figure per mode is the global samples/s (sum over the two processes of 64 / step time);
 the headline is the median over rounds of each mode's ratio to ``none`` in the same round.
 If ``ddp_shm`` matches ``sync``, what separates DDP from the ceiling is waiting for the slower
-process at every step (per-step jitter), not the all-reduce.
+process at every step (per-step jitter, or one process slower throughout), not the all-reduce.
 
 Per step, every worker also records its compute time (the step less the all-reduce) and, in
 ``sync``, the all-reduce's time (the wait for the other process, mostly). From ``none``'s

@@ -12,9 +12,9 @@ A Ctrl-C can land while the launcher waits for a new worker's pid: the worker ex
 launcher, not knowing it, stops without it and removes the semaphores the worker has yet to
 unpickle. The worker's failure to start (before any of its own code runs; an error from there
 on is reported by the worker itself) is then no news: it ends with status 1, silent, when a
-SIGINT or SIGTERM is pending there (the terminal's Ctrl-C reaches the whole process group, and
-the worker blocks SIGINT until it runs) or its launcher is gone. Any other failure to start is
-printed as multiprocessing prints it.
+SIGINT is pending there (the terminal's Ctrl-C reaches the whole process group, and the worker
+blocks SIGINT until it runs) or its launcher is gone. Any other failure to start is printed as
+multiprocessing prints it.
 """
 
 from __future__ import annotations
@@ -52,17 +52,18 @@ def _end() -> None:
 
 
 def _launcher_stopping() -> bool:
-    """In a worker forked from the server: is its launcher stopping (a stop signal pending
-    here) or gone?"""
-    if signal.sigpending() & {signal.SIGINT, signal.SIGTERM}:
+    """In a worker forked from the server: is its launcher stopping (a Ctrl-C pending here)
+    or gone?"""
+    if signal.SIGINT in signal.sigpending():
         return True
-    try:  # a killed launcher can stay a zombie until its parent reaps it
-        with open(f"/proc/{_LAUNCHER}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):  # no /proc
-        pass
+    if os.path.isdir("/proc/self"):  # a killed launcher can stay a zombie until reaped
+        try:
+            with open(f"/proc/{_LAUNCHER}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+        except (OSError, IndexError):
+            return False
     try:
         os.kill(_LAUNCHER, 0)
     except ProcessLookupError:

@@ -398,8 +398,9 @@ def prestart_workers() -> None:
 
 
 def _reap_fork_server_at_exit() -> None:
-    """Once workers have forked from the server (not for a command that failed before: a
-    server still importing its preload would delay its exit)."""
+    """After workers forked from the server have all finished: not on a failure or a Ctrl-C,
+    where a worker still starting holds the server up (and a server still importing its
+    preload would delay the exit)."""
     global _reaping
     if not _reaping:
         import atexit
@@ -420,11 +421,19 @@ def _reap_fork_server(wait_s: float = 1.0) -> None:
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
-    pid, fd = server._forkserver_pid, server._forkserver_alive_fd
-    if pid is None or fd is None:
-        return
-    server._forkserver_alive_fd = None
+    with server._lock:
+        pid, fd = server._forkserver_pid, server._forkserver_alive_fd
+        if pid is None or fd is None:
+            return
+        # as multiprocessing's own stop: a later start makes a new server
+        address, server._forkserver_address = server._forkserver_address, None
+        server._forkserver_alive_fd = server._forkserver_pid = None
     os.close(fd)  # the server's signal to stop
+    from multiprocessing import util
+
+    if address and not util.is_abstract_socket_namespace(address):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -504,7 +513,6 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     forked = fast_exit and fork_server_usable()
     if forked:
         prestart_workers()
-        _reap_fork_server_at_exit()
     store, env = None, {}
     if nnodes == 1:
         store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)
@@ -532,7 +540,10 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
                 _own_signal_handlers():
             # inside _env(): a spawned worker inherits it, a forked one gets the difference
             add, unset = _environment_delta() if forked else ({}, ())
-            return elastic_launch(config, _WorkerMain(fn, forked, add, unset))(*args)
+            results = elastic_launch(config, _WorkerMain(fn, forked, add, unset))(*args)
+            if forked:
+                _reap_fork_server_at_exit()
+            return results
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
     except ChildFailedError as exc:

@@ -119,7 +119,8 @@ def test_a_worker_that_fails_to_start_while_its_launcher_stops_is_silent():
 def test_a_worker_that_fails_to_start_after_its_launcher_died_is_silent():
     proc = _fail_to_start(
         "import os, signal, time, dptrain._forkserver as server; "
-        "os.kill(server._LAUNCHER, signal.SIGKILL); time.sleep(0.5)")
+        "os.kill(server._LAUNCHER, signal.SIGKILL); "
+        "[time.sleep(0.01) for _ in range(500) if not server._launcher_stopping()]")
     assert proc.returncode == -9 and proc.stdout == "" and proc.stderr == "", proc.stderr
 
 

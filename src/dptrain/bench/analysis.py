@@ -70,16 +70,23 @@ def step_times(config: Config) -> list[float]:
             for t in rank.get("nosync_times_s", [])]
 
 
-def straggler(n: int, measured_n: int, times: list[float], cpu: bool) -> float:
-    """The step's growth from waiting for the slowest of ``n`` processes, from the per-step
-    ``times`` measured at ``measured_n`` (1 up to ``measured_n``, whose slowest-rank compute
-    is measured). On CPU the contention factor beyond ``measured_n`` already holds that
-    slowest rank (see :func:`dptrain.bench.predict.contention_factor`): the growth is relative
-    to it; elsewhere (no contention model) relative to one process."""
+def straggler(n: int, measured_n: int, times: list[float]) -> float:
+    """The step's growth beyond ``measured_n`` processes from waiting for the slowest of
+    ``n`` instead, from the per-step ``times`` measured at ``measured_n`` (1 up to it: the
+    slowest rank's compute there is measured, and the contention factor beyond it carries
+    that)."""
     if n <= measured_n or len(times) < 2:
         return 1.0
-    base = P.straggler_factor(times, measured_n) if cpu else 1.0
-    return P.straggler_factor(times, n) / base
+    return P.straggler_factor(times, n) / P.straggler_factor(times, measured_n)
+
+
+def beyond_measured(n: int, factors: dict[int, float], cpu: bool) -> float:
+    """The measured link's contention factor: :func:`dptrain.bench.predict.contention_factor`;
+    off CPU (no contention model) the factor measured at the largest N, which is its slowest
+    rank's compute, also holds beyond it (times :func:`straggler`)."""
+    if cpu or not factors or n < max(factors) or n in factors:
+        return P.contention_factor(n, factors, cpu)
+    return factors[max(factors)]
 
 
 def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
@@ -129,9 +136,9 @@ def predictions(configs: list[Config], fit: P.Fit | None, *, cpu: bool,
     if fit is not None:
         table = P.scaling_table(
             **common, cost=fit.time,
-            contention=lambda n: P.contention_factor(n, factors, cpu),
+            contention=lambda n: beyond_measured(n, factors, cpu),
             data_contention=lambda n: P.contention_factor(n, data_factors, cpu),
-            straggler=lambda n: straggler(n, widest, times, cpu))
+            straggler=lambda n: straggler(n, widest, times))
         out["links"]["measured link (this machine)"] = {
             "alpha_s": fit.alpha_s, "beta_Bps": fit.beta_Bps, "contention": True,
             "compute": {"compute_s": compute1, "data_s": data1,

@@ -281,10 +281,11 @@ def describe_assumptions(backward_fraction: float = BACKWARD_FRACTION,
         "S fitted at that N (compute and data time ×max(1, N/S): once the cores are full, "
         "more processes add no throughput)",
         "measured link, beyond the largest measured N (M): every step waits for the slowest "
-        "process: ×E[max of N]/E[step] of the per-step compute times measured at M (all "
-        "ranks, taken as independent), over E[max of M]/E[step] on CPU, whose contention "
-        "factor holds the slowest rank at M; from a few dozen samples this cannot exceed "
-        "the slowest step seen, so it understates the tail at large N",
+        "process: ×E[max of N]/E[max of M] of the per-step compute times measured at M (all "
+        "ranks, taken as independent) on top of M's slowest-rank compute (off CPU, where "
+        "nothing else grows with N, that compute is kept beyond M); from a few dozen "
+        "samples this cannot exceed the slowest step seen, so it understates the tail at "
+        "large N",
     ]
 
 
