@@ -92,7 +92,7 @@ def _fail_to_start(unpickle: str) -> subprocess.CompletedProcess:
 
         class FailsToUnpickle:
             def __reduce__(self):
-                return exec, ({unpickle + "; 1 / 0"!r},)
+                return exec, ({unpickle + chr(10) + "1 / 0"!r},)
 
         if __name__ == "__main__":
             resource_tracker.ensure_running()  # as launch._sigint_blocked: it would unblock
@@ -119,8 +119,10 @@ def test_a_worker_that_fails_to_start_while_its_launcher_stops_is_silent():
 def test_a_worker_that_fails_to_start_after_its_launcher_died_is_silent():
     proc = _fail_to_start(
         "import os, signal, time, dptrain._forkserver as server; "
-        "os.kill(server._LAUNCHER, signal.SIGKILL); "
-        "[time.sleep(0.01) for _ in range(500) if not server._launcher_stopping()]")
+        "os.kill(server._LAUNCHER, signal.SIGKILL)\n"
+        "deadline = time.monotonic() + 5\n"
+        "while not server._launcher_stopping() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)")
     assert proc.returncode == -9 and proc.stdout == "" and proc.stderr == "", proc.stderr
 
 
