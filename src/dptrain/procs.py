@@ -25,9 +25,10 @@ def pid_alive(pid: int) -> bool:
         return True
     try:
         stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel whether the pid exists
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and os.path.isdir("/proc/self"):
+            return False
+        # no /proc (macOS), or unreadable: ask the kernel whether the pid exists
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
