@@ -54,23 +54,9 @@ def _end() -> None:
 def _launcher_stopping() -> bool:
     """In a worker forked from the server: is its launcher stopping (a Ctrl-C pending here)
     or gone?"""
-    if signal.SIGINT in signal.sigpending():
-        return True
-    if os.path.isdir("/proc/self"):  # a killed launcher can stay a zombie until reaped
-        try:
-            with open(f"/proc/{_LAUNCHER}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except FileNotFoundError:
-            return True
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(_LAUNCHER, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        pass
-    return False
+    from dptrain.procs import pid_alive  # a killed launcher can stay a zombie: dead
+
+    return signal.SIGINT in signal.sigpending() or not pid_alive(_LAUNCHER)
 
 
 def _quiet_if_launcher_stopping(kind, value, tb) -> None:

@@ -401,15 +401,10 @@ def _reap_fork_server_at_exit() -> None:
     """After workers forked from the server have all finished: not on a failure or a Ctrl-C,
     where a worker still starting holds the server up (and a server still importing its
     preload would delay the exit)."""
-    global _reaping
-    if not _reaping:
-        import atexit
+    import atexit
 
-        atexit.register(_reap_fork_server)
-        _reaping = True
-
-
-_reaping = False
+    atexit.unregister(_reap_fork_server)  # once, however many launches
+    atexit.register(_reap_fork_server)
 
 
 def _reap_fork_server(wait_s: float = 1.0) -> None:
