@@ -24,6 +24,7 @@ NAMES = [
     "cpu",
     "isa",
     "matmul_peak",
+    "cpu_heap",
     "loopback_port",
     "default_port",
     "network",
@@ -330,3 +331,19 @@ def test_gpu_invisible_to_torch_warns(monkeypatch):
     monkeypatch.setattr(doctor.shutil, "which", lambda tool: "/usr/bin/nvidia-smi")
     c = doctor.check_cuda()
     assert c.status == "warn" and "torch sees no GPU" in c.detail
+
+
+def test_cpu_heap_names_glibc_and_the_malloc_variables_tuned_overrides(monkeypatch):
+    from dptrain import heap
+
+    monkeypatch.setattr(heap, "glibc_version", lambda: "2.36")
+    c = doctor.check_cpu_heap({"PATH": "/bin"})
+    assert c.status == "ok" and "glibc 2.36" in c.detail and "--cpu-heap tuned" in c.detail
+    assert c.facts == {"glibc": "2.36", "environment": []}
+    c = doctor.check_cpu_heap({"MALLOC_TRIM_THRESHOLD_": "1", "GLIBC_TUNABLES": "x"})
+    assert c.status == "warn" and "MALLOC_TRIM_THRESHOLD_" in c.detail
+    assert "--cpu-heap system" in c.advice
+    assert c.facts["environment"] == ["GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_"]
+    monkeypatch.setattr(heap, "glibc_version", lambda: "")
+    c = doctor.check_cpu_heap({"MALLOC_ARENA_MAX": "2"})
+    assert c.status == "ok" and "not glibc" in c.detail and c.facts["glibc"] is None

@@ -90,6 +90,9 @@ class TrainConfig:
     threads: str = _opt("0", "intra-op threads per process; 0 = CPU cores / local processes; "
                         "one value per local process, comma-separated (2,1), for unequal "
                         "workers")
+    cpu_heap: str = _opt("tuned", "the C heap under CPU tensors (glibc): tuned keeps memory "
+                         "freed in a step for the next one (no page faults per step); system = "
+                         "glibc's defaults", ("tuned", "system"))
     # --- DDP knobs
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MiB")
     gradient_as_bucket_view: bool = _opt(False, "DDP: gradients are views into the buckets")

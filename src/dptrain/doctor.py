@@ -297,6 +297,26 @@ def check_isa() -> Check:
     return Check("isa", "ok", detail, advice, facts)
 
 
+def check_cpu_heap(env: Mapping[str, str] | None = None) -> Check:
+    """The C heap training runs on (``--cpu-heap``): glibc's, kept between steps by default."""
+    from dptrain import heap
+
+    env = os.environ if env is None else env
+    version = heap.glibc_version()
+    malloc_vars = sorted(k for k in env if k.startswith(("MALLOC_", "GLIBC_TUNABLES")))
+    facts: dict[str, Any] = {"glibc": version or None, "environment": malloc_vars}
+    if not version:
+        return Check("cpu_heap", "ok", "not glibc: --cpu-heap has nothing to set here "
+                     "(the C library's own malloc)", "", facts)
+    detail = (f"glibc {version}: training keeps the heap between steps (--cpu-heap tuned: "
+              "no page faults per step; --cpu-heap system = glibc's defaults)")
+    if malloc_vars:
+        return Check("cpu_heap", "warn", detail + f"; set here: {', '.join(malloc_vars)}",
+                     "--cpu-heap tuned sets the trim threshold, top pad and mmap threshold over "
+                     "what these say; pass --cpu-heap system to keep them", facts)
+    return Check("cpu_heap", "ok", detail, "", facts)
+
+
 def _gflops(r: dict[str, Any]) -> str:
     return f"{r['flops'] / 1e9:,.1f} GFLOP/s (n={r['size']})"
 
@@ -681,6 +701,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_cpu,
     check_isa,
     check_matmul_peak,
+    check_cpu_heap,
     check_loopback_port,
     check_default_port,
     check_network,

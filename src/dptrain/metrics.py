@@ -64,6 +64,8 @@ def build_summary(run: Any, result: Any, pos: Any, last_eval: dict[str, Any],
 
     import torch
 
+    from dptrain import heap
+
     cfg, strategy, metrics = run.cfg, run.strategy, last_eval.get("metrics", {})
     summary = {
         "test_accuracy": metrics.get("accuracy"),
@@ -86,7 +88,7 @@ def build_summary(run: Any, result: Any, pos: Any, last_eval: dict[str, Any],
         "task": run.objective.task, "precision": cfg.precision, "accum": cfg.accum,
         "seed": cfg.seed, "resumed_from": resumed_from, "restarts": run.restart,
         "stopped_by_signal": result.stopped_by_signal,
-        "torch_version": str(torch.__version__), "out": cfg.out,
+        "torch_version": str(torch.__version__), "out": cfg.out, "cpu_heap": heap.describe(),
         **strategy.describe(),
     }
     if strategy.comm is not None:

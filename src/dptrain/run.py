@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dptrain import checkpoint as ck
-from dptrain import dist, strategies
+from dptrain import dist, heap, strategies
 from dptrain.config import TrainConfig, to_toml
 from dptrain.data import batch as B
 from dptrain.data import shared
@@ -45,6 +45,7 @@ def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | No
     env = plan.worker_env(dist.detect() if env is None else env)
     setup_logging(env.rank, env.world_size, quiet=plan.cfg.quiet)
     torch.set_num_threads(plan.threads_for(env.local_rank))
+    heap.configure(plan.cfg.cpu_heap)
     strategy = strategies.build(plan, env, count_comm=count_comm)
     strategy.setup()
     lock: list[OutDirLock] = []
