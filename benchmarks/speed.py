@@ -14,7 +14,8 @@ training, evaluation), each in a fresh process:
   epoch reaching 99 %: ``python -m dptrain.bench.baseline classic --stop-at-target``.
 
 Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` and ``convnet --channels-last``
-(one process, all cores), as a fraction of the roofline: achieved FLOP/s = samples/s x 3 x
+(one process, all cores; ``--cpu-heap system`` and ``tuned`` alternating, median of each), as a
+fraction of the roofline: achieved FLOP/s = samples/s x 3 x
 forward FLOPs per sample (forward + two backward matmuls), against the best fp32 matmul rate
 measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses).
 
@@ -139,6 +140,8 @@ def main() -> int:
                    help="src/ of an earlier checkout to time alternately with this one")
     p.add_argument("--skip-ddp", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
+    p.add_argument("--roofline-rounds", type=int, default=3,
+                   help="alternating --cpu-heap system/tuned rounds per roofline model")
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--derive-only", action="store_true",
                    help="recompute the derived ratios of an existing --out file, run nothing")
@@ -182,14 +185,24 @@ def main() -> int:
                                           ("convnet", "convnet", 300, ()),
                                           ("convnet --channels-last", "convnet", 300,
                                            ("--channels-last",))):
-            sps = throughput(args.data_root, model, steps, threads, work, extra)
+            # before/after the tuned C heap (dptrain.heap), alternating round by round
+            by_heap: dict[str, list[float]] = {"system": [], "tuned": []}
+            for r in range(args.roofline_rounds):
+                for heap in (("system", "tuned") if r % 2 == 0 else ("tuned", "system")):
+                    by_heap[heap].append(throughput(args.data_root, model, steps, threads,
+                                                    work, (*extra, "--cpu-heap", heap)))
+            sps, before = (statistics.median(by_heap[h]) for h in ("tuned", "system"))
             fwd = flops_per_sample(build_model(model))
             achieved = sps * 3 * fwd
             rows[name] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
-                          "achieved_flops": achieved, "fraction_of_peak": achieved / peak}
+                          "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
+                          "cpu_heap_system": {"samples_per_s": before,
+                                              "fraction_of_peak": before * 3 * fwd / peak},
+                          "tuned_over_system": sps / before, "samples_per_s_runs": by_heap}
             print(f"  {name}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
-                  f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak",
-                  flush=True)
+                  f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak "
+                  f"(--cpu-heap system: {before:,.0f} samples/s, "
+                  f"{100 * before * 3 * fwd / peak:.1f} %)", flush=True)
         result["roofline"] = {"peak_matmul_flops": peak, "peak_measurement": measured,
                               "threads": threads, "models": rows}
     write(result, Path(args.out))
