@@ -8,7 +8,7 @@ mean >= 99.0 % and every seed >= 98.9 % over seeds 0-4 -- the seeds beyond 4 sho
 length passes by luck of those five.
 
     python benchmarks/recipe_length.py --data-root /tmp/mnistdata --seeds 10 \
-        --epochs 0.85 0.75 0.7 --precision bf16 32
+        --epochs 0.85 0.75 0.7 --precision bf16 32 [--model fastnet-strided]
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from dptrain.bench import machine_info, write_result
 HERE = Path(__file__).resolve().parent
 
 
-def run(root: str, epochs: float, precision: str, seed: int, tmp: Path) -> dict[str, Any]:
+def run(root: str, epochs: float, precision: str, seed: int, tmp: Path, model: str
+        ) -> dict[str, Any]:
     out = tmp / f"e{epochs}-{precision}-{seed}"
     subprocess.run([sys.executable, "-m", "dptrain", "train", "--recipe", "mnist-fast",
                     "--epochs", str(epochs), "--precision", precision, "--seed", str(seed),
-                    "--data-root", root, "--quiet", "--out", str(out)],
+                    "--data-root", root, "--quiet", "--out", str(out),
+                    *(["--model", model] if model else [])],
                    check=True, capture_output=True)
     s = json.loads((out / "summary.json").read_text())
     return {"seed": seed, "test_accuracy": s["test_accuracy"], "steps": s["steps"],
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--epochs", type=float, nargs="+", default=[0.85, 0.75, 0.7])
     p.add_argument("--precision", nargs="+", default=["bf16", "32"])
+    p.add_argument("--model", default="", help="another model than the recipe's")
     p.add_argument("--out", default=str(HERE / "results" / "recipe_length.json"))
     a = p.parse_args()
     settings = [(e, prec) for e in a.epochs for prec in a.precision]
@@ -52,7 +55,7 @@ def main() -> None:
         for seed in range(a.seeds):
             shift = seed % len(settings)
             for e, prec in settings[shift:] + settings[:shift]:
-                r = run(a.data_root, e, prec, seed, Path(tmp))
+                r = run(a.data_root, e, prec, seed, Path(tmp), a.model)
                 runs[f"{e}/{prec}"].append(r)
                 print(f"  epochs {e} precision {prec} seed {seed}: {r}", flush=True)
     table = {}
@@ -68,6 +71,7 @@ def main() -> None:
             "median_train_time_s": statistics.median(r["train_time_s"] for r in rs)}
         print(f"{key:12s} {json.dumps(table[key])}")
     result = {"benchmark": "recipe_length", "machine": machine_info(), "seeds": a.seeds,
+              "model": a.model or "the recipe's",
               "table": table, "runs": runs}
     print("wrote", write_result(result, a.out))
 

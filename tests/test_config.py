@@ -31,7 +31,7 @@ def test_precedence_recipe_then_file_then_flags(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text('recipe = "mnist-fast"\nlr = 0.3\nepochs = 5\n')
     cfg = parse("--config", str(path), "--epochs", "7")
-    assert cfg.model == "fastnet"  # from the recipe
+    assert cfg.model == "fastnet-strided"  # from the recipe
     assert cfg.lr == 0.3  # the file beats the recipe
     assert cfg.epochs == 7  # the flag beats the file
 

@@ -103,7 +103,7 @@ def test_mfu_values():
 def test_models_flops_per_sample_delegates():
     from dptrain.models import flops_per_sample
 
-    for name in ("linear", "convnet", "cnn", "fastnet"):
+    for name in ("linear", "convnet", "cnn", "fastnet", "fastnet-strided"):
         model = build_model(name)
         assert flops_per_sample(model) == flops.model_flops_per_sample(
             model, torch.zeros(1, 1, 28, 28))

@@ -111,10 +111,47 @@ def test_an_earlier_fastnet_checkpoint_is_named_and_loads_as_fastnet_v1():
     from dptrain.errors import UsageError
 
     old = build_model("fastnet-v1").state_dict()  # conv-BN-ReLU-pool: BN at index 1
-    with pytest.raises(UsageError, match="earlier layout .* use --model fastnet-v1"):
+    with pytest.raises(UsageError, match="holds fastnet-v1 .* use --model fastnet-v1"):
         checkpoint._check_tensors(old, "last.pt", build_model("fastnet"),
                                   TrainConfig(model="fastnet"))
     checkpoint._check_tensors(old, "last.pt", build_model("fastnet-v1"),
                               TrainConfig(model="fastnet-v1"))  # fits
     x = torch.randn(4, 1, 28, 28)
     assert build_model("fastnet-v1")(x).shape == build_model("fastnet")(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize(("written", "resumed"), [
+    ("fastnet", "fastnet-strided"), ("fastnet-strided", "fastnet"),
+    ("fastnet-strided", "fastnet-v1"), ("fastnet-v1", "fastnet-strided")])
+def test_each_fastnet_layout_names_itself_when_resumed_as_another(written, resumed):
+    """The three layouts' checkpoints do not fit each other (keys, or with the same keys the
+    first convolution's shape); the error names the one to use."""
+    from dptrain import checkpoint
+    from dptrain.config import TrainConfig
+    from dptrain.errors import UsageError
+    from dptrain.models import fastnet_layout
+
+    saved = build_model(written).state_dict()
+    assert fastnet_layout(saved) == written
+    with pytest.raises(UsageError, match=f"holds {written} .*use --model {written} for it"):
+        checkpoint._check_tensors(saved, "last.pt", build_model(resumed),
+                                  TrainConfig(model=resumed))
+
+
+def test_fastnet_strided_has_a_4x4_stride_2_stem_and_the_same_tail():
+    from dptrain.models import fastnet_layout, flops_per_sample, layout_hint
+
+    strided, pooled = build_model("fastnet-strided"), build_model("fastnet")
+    stem = strided[0][0]
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((4, 4), (2, 2), (1, 1))
+    x = torch.randn(4, 1, 28, 28)
+    assert strided[0](x).shape == pooled[0](x).shape == (4, 16, 14, 14)
+    assert strided(x).shape == (4, 10)
+    tail = {k: v.shape for k, v in strided.state_dict().items() if not k.startswith("0.")}
+    assert tail == {k: v.shape for k, v in pooled.state_dict().items() if not k.startswith("0.")}
+    # the stem's multiply-adds: 16 x 16 x 14 x 14 instead of 16 x 9 x 28 x 28
+    assert flops_per_sample(pooled) - flops_per_sample(strided) == 2 * (16 * 9 * 784
+                                                                        - 16 * 16 * 196)
+    assert fastnet_layout({"fc.weight": torch.zeros(1)}) is None
+    assert layout_hint("linear", pooled.state_dict()) == ""
+    assert layout_hint("fastnet", pooled.state_dict()) == ""

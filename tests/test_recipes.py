@@ -31,7 +31,7 @@ def test_no_native_bf16_keeps_fp32(bf16):
     assert values["precision"] == "32"  # never slower than before: bf16 is emulated here
     assert "no native bf16" in recipes.precision_choice()[1]
     # the rest of the recipe is untouched
-    assert values["model"] == "fastnet" and values["batch_size"] == 128
+    assert values["model"] == "fastnet-strided" and values["batch_size"] == 128
 
 
 def test_gpu_without_bf16_keeps_fp32(bf16, monkeypatch):
@@ -75,10 +75,10 @@ def test_resolved_config_precision(bf16, native, flags, want):
 
 
 @pytest.mark.parametrize(("flags", "epochs", "steps"), [
-    ([], 0.75, 351), (["--epochs", "2"], 2.0, 936), (["--batch-size", "64"], 0.75, 703),
+    ([], 0.8, 375), (["--epochs", "2"], 2.0, 936), (["--batch-size", "64"], 0.8, 750),
     (["--epochs", "0.5", "--accum", "2"], 0.5, 117)])
 def test_the_recipe_trains_a_share_of_an_epoch(flags, epochs, steps):
-    """mnist-fast trains 0.75 of an epoch, whatever the batch; --epochs replaces the share."""
+    """mnist-fast trains 0.8 of an epoch, whatever the batch; --epochs replaces the share."""
     from dptrain.cli import build_parser, resolve_config
     from dptrain.loop import epoch_steps
 

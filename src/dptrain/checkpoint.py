@@ -330,21 +330,22 @@ def check_model(state: dict[str, Any], path: str, model: torch.nn.Module, cfg: T
 
 def _check_tensors(saved: dict[str, torch.Tensor], path: str, model: torch.nn.Module,
                    cfg: TrainConfig) -> None:
+    from dptrain.models import layout_hint
+
     own = model.state_dict()
     fix = "resume with the model it was written for"
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or extra:
         what = (f"missing {', '.join(missing[:3])}" if missing else
                 f"unexpected {', '.join(extra[:3])}")
-        from dptrain.models import layout_hint
-
         raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({what}); {fix}"
                          f"{layout_hint(cfg.model, saved)}")
     for name, t in saved.items():
         mine = own[name]
         if t.shape != mine.shape:
             raise UsageError(f"checkpoint {path} does not fit --model {cfg.model} ({name!r} has "
-                             f"shape {tuple(t.shape)}, the model's {tuple(mine.shape)}); {fix}")
+                             f"shape {tuple(t.shape)}, the model's {tuple(mine.shape)}); {fix}"
+                             f"{layout_hint(cfg.model, saved)}")
         if t.dtype != mine.dtype:
             raise UsageError(
                 f"checkpoint {path}: {name!r} is stored as {str(t.dtype).removeprefix('torch.')}"

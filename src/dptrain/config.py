@@ -19,7 +19,7 @@ from typing import Any
 
 from dptrain.errors import UsageError
 
-MODELS = ("linear", "convnet", "cnn", "fastnet", "fastnet-v1")
+MODELS = ("linear", "convnet", "cnn", "fastnet", "fastnet-v1", "fastnet-strided")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
 SCHEDULES = ("none", "step", "onecycle", "cosine")

@@ -6,7 +6,7 @@ Every model maps a normalised ``(N, 1, 28, 28)`` float batch to ``(N, 10)`` logi
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -52,8 +52,8 @@ def cnn() -> nn.Module:
     ), {2: ("6",), 3: ("2", "6")})
 
 
-def fastnet(pool_first: bool = True) -> nn.Module:
-    """The ``mnist-fast`` recipe's net: small, BN everywhere, cheap on CPU, 99 %+ in one epoch.
+def fastnet(pool_first: bool = True, strided_stem: bool = False) -> nn.Module:
+    """The ``mnist-fast`` recipe's nets: small, BN everywhere, cheap on CPU, 99 %+ in one epoch.
 
     Each block pools straight after its convolution, then normalises and rectifies the
     pooled map: BatchNorm and ReLU (forward and backward) touch a quarter of the values
@@ -61,6 +61,14 @@ def fastnet(pool_first: bool = True) -> nn.Module:
     element-wise passes; this order trains faster on CPU at the same or higher accuracy
     (``benchmarks/recipe_parts.py``). ``pool_first=False`` is the earlier layout
     (``--model fastnet-v1``, what checkpoints written before 2026-12-01 hold).
+
+    ``strided_stem=True`` (``--model fastnet-strided``, the recipe's net since 2026-12-02):
+    the first block is one 4x4 convolution of stride 2 (the receptive field and output grid of
+    a 3x3 convolution and a 2x2 pool) instead of a 3x3 convolution at 28x28 and a pool. The
+    full-resolution 16-channel map, its pool and the pool's backward were the most expensive
+    part of the step (a third of it at batch 128, ``--profile``); without them a step takes
+    0.77x the time in bf16 and 0.82x in fp32 (``benchmarks/recipe_stem.py``), at a little
+    less accuracy per step (``benchmarks/recipe_length.py --model fastnet-strided``).
     """
 
     def block(cin: int, cout: int) -> nn.Sequential:
@@ -69,8 +77,10 @@ def fastnet(pool_first: bool = True) -> nn.Module:
             return nn.Sequential(conv, nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU())
         return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
+    stem = (nn.Sequential(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False),
+                          nn.BatchNorm2d(16), nn.ReLU()) if strided_stem else block(1, 16))
     return _with_split_points(nn.Sequential(
-        block(1, 16),  # 14x14
+        stem,  # 14x14
         block(16, 32),  # 7x7
         block(32, 64),  # 3x3
         nn.Flatten(),
@@ -93,16 +103,37 @@ REGISTRY: dict[str, Callable[[], nn.Module]] = {
     "cnn": cnn,
     "fastnet": fastnet,
     "fastnet-v1": lambda: fastnet(pool_first=False),
+    "fastnet-strided": lambda: fastnet(strided_stem=True),
 }
 
 
-def layout_hint(name: str, saved_keys: Iterable[str]) -> str:
-    """What to do when a checkpoint's keys do not fit built-in model ``name``: "" unless the
-    checkpoint holds an earlier layout of it."""
-    if name == "fastnet" and "0.1.running_mean" in set(saved_keys):
-        return ("; it holds fastnet's earlier layout (conv-BN-ReLU-pool, dptrain before "
-                "2026-12-01): use --model fastnet-v1 for it")
-    return ""
+FASTNETS = {  # the built-in fastnet layouts, and what each one's checkpoint holds
+    "fastnet-v1": "conv-BN-ReLU-pool blocks, dptrain before 2026-12-01",
+    "fastnet": "conv-pool-BN-ReLU blocks, the recipe's net from 2026-12-01",
+    "fastnet-strided": "a 4x4 stride-2 first convolution, the recipe's net from 2026-12-02",
+}
+
+
+def fastnet_layout(saved: Mapping[str, torch.Tensor]) -> str | None:
+    """Which built-in fastnet layout a model state dict holds (None: none of them)."""
+    stem = saved.get("0.0.weight")
+    if stem is None or not hasattr(stem, "shape"):
+        return None
+    if "0.2.running_mean" in saved and tuple(stem.shape) == (16, 1, 3, 3):
+        return "fastnet"
+    if "0.1.running_mean" in saved:
+        return {(16, 1, 3, 3): "fastnet-v1", (16, 1, 4, 4): "fastnet-strided"}.get(
+            tuple(stem.shape))
+    return None
+
+
+def layout_hint(name: str, saved: Mapping[str, torch.Tensor]) -> str:
+    """What to do when a checkpoint does not fit built-in model ``name``: "" unless ``name``
+    is a fastnet and the checkpoint holds another fastnet layout."""
+    held = fastnet_layout(saved) if name in FASTNETS else None
+    if held is None or held == name:
+        return ""
+    return f"; it holds {held} ({FASTNETS[held]}): use --model {held} for it"
 
 
 def load_factory(spec: str, what: str) -> Callable[..., object]:

@@ -76,7 +76,8 @@ def test_the_models_own_split_points_list_or_per_stage_count():
 
 @pytest.mark.parametrize(("name", "stages", "points"), [
     ("convnet", 2, ["1"]), ("convnet", 3, ["1", "2"]), ("cnn", 2, ["6"]), ("cnn", 3, ["2", "6"]),
-    ("fastnet", 2, ["2"]), ("fastnet", 3, ["1", "2"])])
+    ("fastnet", 2, ["2"]), ("fastnet", 3, ["1", "2"]), ("fastnet-strided", 2, ["2"]),
+    ("fastnet-strided", 3, ["1", "2"])])
 def test_built_in_models_have_split_points_that_pass_one_tensor_on(name, stages, points):
     model = build_model(name).eval()
     split = split_model(model, stages)
