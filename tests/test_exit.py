@@ -113,3 +113,26 @@ def test_the_fork_server_s_imports_never_touch_cuda():
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "7 []"
+
+
+def test_the_command_freezes_its_start_up_imports_and_collects_garbage_while_it_runs(tmp_path):
+    """console() pauses the collector for the start-up's imports (two full collections of
+    torch's objects, with nothing to free), then freezes them and turns it back on before
+    the command runs; the library entry main() leaves the collector alone."""
+    import json
+
+    probe = tmp_path / "gc.json"
+    args = ["train", "--dataset", "synthetic", "--model", "myplugins:gc_probe", "--max-steps",
+            "1", "--no-eval-every-epoch", "--quiet"]
+    env = {"PYTHONPATH": f"{SRC}:{Path(__file__).parent / 'plugins'}", "PATH": "/usr/bin:/bin",
+           "GC_PROBE": str(probe)}
+    cmd = subprocess.run([sys.executable, "-m", "dptrain", *args, "--out", str(tmp_path / "a")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert cmd.returncode == 0, cmd.stderr
+    seen = json.loads(probe.read_text())
+    assert seen["enabled"] is True and seen["frozen"] > 10_000  # torch's objects, frozen
+    lib = subprocess.run([sys.executable, "-c", "import sys; from dptrain.cli import main; "
+                          "sys.exit(main(sys.argv[1:]))", *args, "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert lib.returncode == 0, lib.stderr
+    assert json.loads(probe.read_text()) == {"enabled": True, "frozen": 0}

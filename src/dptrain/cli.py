@@ -272,13 +272,37 @@ def split_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
 FAST_EXIT_COMMANDS = frozenset({"train", "bench", "verify", "predict", "data", "doctor",
                                 "plot", "slurm"})
 _ran: list[str] = []  # the command main() dispatched (console reads it)
+_gc_paused: list[bool] = []  # console() turned the garbage collector off for the start-up
+
+
+def _startup_imported() -> None:
+    """The start-up's imports are done (torch, dptrain): freeze what they made and turn the
+    garbage collector back on, if :func:`console` turned it off.
+
+    Importing torch triggers two full collections, and a full collection walks every object
+    torch's modules hold: 0.1-0.2 s of a 5 s run, with nothing to free (measured with
+    ``gc.callbacks``: 3 full collections, 0.175 s, in one ``--recipe mnist-fast`` run).
+    Frozen, those objects are never scanned again; everything made afterwards (the run's
+    own objects, a user's script) is collected as usual.
+    """
+    import gc
+
+    if _gc_paused:
+        _gc_paused.clear()
+        gc.freeze()
+        gc.enable()
 
 
 def console() -> None:
     """The ``dptrain`` command (console script, ``python -m dptrain``): :func:`main`, then
     :func:`exit_now` after the commands of :data:`FAST_EXIT_COMMANDS`. Library callers and
     tests call :func:`main`, which only returns. A command that will start local workers
-    starts the fork server they come from first (:func:`_prestart_workers`)."""
+    starts the fork server they come from first (:func:`_prestart_workers`). The garbage
+    collector waits out the start-up's imports (:func:`_startup_imported`)."""
+    import gc
+
+    gc.disable()
+    _gc_paused.append(True)
     _prestart_workers(sys.argv[1:])
     code = main()
     if _ran and _ran[-1] in FAST_EXIT_COMMANDS:
@@ -354,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    _startup_imported()
     try:
         argv, local_rank = split_local_rank(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
