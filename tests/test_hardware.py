@@ -62,7 +62,20 @@ def test_epyc_with_avx2_only_does_not(monkeypatch):
     assert info.native_bf16 is False and "AVX-512F" in info.names
 
 
-def test_this_machine_matches_proc_cpuinfo():
+def test_a_onednn_isa_cap_below_bf16_makes_bf16_not_native(monkeypatch):
+    for cap, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                        ("avx512_core_amx", True), ("ALL", True), ("", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert _fake_cpu(monkeypatch, XEON).native_bf16 is native, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # the older name
+    assert _fake_cpu(monkeypatch, XEON).native_bf16 is False
+    assert _fake_cpu(monkeypatch, EPYC).native_bf16 is False  # no bf16 flags: never native
+
+
+def test_this_machine_matches_proc_cpuinfo(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     model, flags = hardware._read_cpuinfo()
     info = hardware.cpu_info(refresh=True)
     assert info.native_bf16 == bool(flags & {"amx_bf16", "avx512_bf16"})

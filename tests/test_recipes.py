@@ -34,6 +34,15 @@ def test_no_native_bf16_keeps_fp32(bf16):
     assert values["model"] == "fastnet-strided" and values["batch_size"] == 128
 
 
+def test_a_onednn_cap_below_bf16_keeps_fp32_and_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "_info", hardware.CpuInfo("Xeon", ("avx512_bf16",), "AVX512",
+                                                            False))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    precision, why = recipes.precision_choice()
+    assert precision == "32" and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+
+
 def test_gpu_without_bf16_keeps_fp32(bf16, monkeypatch):
     bf16(True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

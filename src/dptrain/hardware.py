@@ -49,6 +49,10 @@ FLAG_NAMES: dict[str, str] = {
 # oneDNN runs bf16 matmuls and convolutions natively with AVX512-BF16 (avx512_core_bf16) or
 # AMX-BF16 (avx512_core_amx); without either it converts and runs a reference path.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it still runs bf16 natively
+ONEDNN_BF16_CAPS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
+                    "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
 DEFAULT_SIZE = 2048
 DEFAULT_SECONDS = 0.5
 _PROBE = 256
@@ -109,6 +113,22 @@ def _read_cpuinfo() -> tuple[str, set[str]]:
         return "", set()
 
 
+def onednn_isa_cap() -> str:
+    """The ISA cap set for oneDNN (``ONEDNN_MAX_CPU_ISA``, or the older ``DNNL_MAX_CPU_ISA``),
+    upper-case; "" when none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+            or "").strip().upper()
+
+
+def bf16_capped(flags: set[str] | tuple[str, ...] | None = None) -> bool:
+    """The CPU has native bf16 (``flags``: its cpuinfo flags, this machine's by default) but
+    ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below it."""
+    flags = set(cpu_info().flags if flags is None else flags)
+    cap = onednn_isa_cap()
+    return (any(f in flags for f in NATIVE_BF16_FLAGS) and bool(cap)
+            and cap not in ONEDNN_BF16_CAPS)
+
+
 def torch_capability() -> str:
     """The vector ISA ATen's own CPU kernels use (``DEFAULT`` when torch cannot say)."""
     try:
@@ -126,7 +146,7 @@ def cpu_info(refresh: bool = False) -> CpuInfo:
     if _info is None or refresh:
         model, flags = _read_cpuinfo()
         present = tuple(f for f in FLAG_NAMES if f in flags)
-        native = any(f in flags for f in NATIVE_BF16_FLAGS)
+        native = any(f in flags for f in NATIVE_BF16_FLAGS) and not bf16_capped(flags)
         _info = CpuInfo(model or platform.processor() or platform.machine(), present,
                         torch_capability(), native)
     return _info
@@ -136,7 +156,8 @@ def native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls and convolutions natively (AMX-BF16 or AVX512-BF16).
 
     Where it does not, bf16 autocast on the CPU is much *slower* than fp32 (see the module
-    docstring), so recipes fall back to fp32.
+    docstring), so recipes fall back to fp32. A ``ONEDNN_MAX_CPU_ISA`` below
+    ``AVX512_CORE_BF16`` (``AVX2``, say) keeps oneDNN from the bf16 instructions: not native.
     """
     return cpu_info().native_bf16
 

@@ -54,6 +54,9 @@ def precision_choice() -> tuple[str, str]:
 
     info = hardware.cpu_info()
     if not hardware.native_bf16():
+        if hardware.bf16_capped():
+            return "32", (f"fp32: ONEDNN_MAX_CPU_ISA={hardware.onednn_isa_cap()} keeps oneDNN "
+                          f"from {info.model}'s bf16 instructions, so bf16 is emulated there")
         return "32", (f"fp32: {info.model} has no native bf16 (no AMX-BF16 or AVX512-BF16), "
                       "where bf16 is emulated and far slower")
     import torch
