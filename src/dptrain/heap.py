@@ -4,9 +4,12 @@ PyTorch takes every CPU tensor from ``malloc``. A training step frees and alloca
 few-MiB activations and gradients every step, and glibc's defaults give such blocks back to
 the kernel (the heap's top is trimmed once 128 KiB are free; a block above the dynamic mmap
 threshold is an ``mmap`` of its own), so the next step faults every page in again. Measured on
-a 2-core AMD EPYC (Zen 5), fastnet at batch 128 in bf16: 760 minor page faults per step and
-2.6 ms of kernel time per step with the defaults; 2 faults per step with the heap kept
-(``benchmarks/heap.py``).
+a 2-core AMD EPYC (Zen 5) in a bare training loop of fastnet at batch 128 in bf16
+(``benchmarks/heap.py``, ``results/heap.json``): 2,058 minor page faults and 4.6 ms of kernel
+time per step with the defaults, a 12.8 ms step; 0.02 faults and an 8.8 ms step with the heap
+kept. dptrain's own loop faults far less to begin with (a whole recipe run: ~190,000 faults
+with the defaults, ~90,000 kept, most of them the start-up's): there the final evaluation
+gains (0.58x) and the training time does not measurably move.
 
 ``tuned`` keeps it: a trim threshold of 2 GiB - 1 (freed memory stays for the next step),
 a top pad of 256 MiB (the heap grows in large steps; untouched pages cost nothing), and an
