@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,37 @@ def throughput(root: str, model: str, steps: int, threads: int, work: Path,
     return json.loads((out / "summary.json").read_text())["train_samples_per_s"]
 
 
+def roofline(args: argparse.Namespace, threads: int, work: Path) -> dict[str, Any]:
+    print("throughput vs roofline (batch 64, one process):", flush=True)
+    measured = peak_flops(threads)
+    peak = measured["flops"]
+    rows = {}
+    for name, model, steps, extra in (("linear", "linear", 900, ()),
+                                      ("convnet", "convnet", 300, ()),
+                                      ("convnet --channels-last", "convnet", 300,
+                                       ("--channels-last",))):
+        # before/after the tuned C heap (dptrain.heap), alternating round by round
+        by_heap: dict[str, list[float]] = {"system": [], "tuned": []}
+        for r in range(args.roofline_rounds):
+            for heap in (("system", "tuned") if r % 2 == 0 else ("tuned", "system")):
+                by_heap[heap].append(throughput(args.data_root, model, steps, threads,
+                                                work, (*extra, "--cpu-heap", heap)))
+        sps, before = (statistics.median(by_heap[h]) for h in ("tuned", "system"))
+        fwd = flops_per_sample(build_model(model))
+        achieved = sps * 3 * fwd
+        rows[name] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
+                      "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
+                      "cpu_heap_system": {"samples_per_s": before,
+                                          "fraction_of_peak": before * 3 * fwd / peak},
+                      "tuned_over_system": sps / before, "samples_per_s_runs": by_heap}
+        print(f"  {name}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
+              f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak "
+              f"(--cpu-heap system: {before:,.0f} samples/s, "
+              f"{100 * before * 3 * fwd / peak:.1f} %)", flush=True)
+    return {"peak_matmul_flops": peak, "peak_measurement": measured, "threads": threads,
+            "models": rows}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default="./data")
@@ -139,6 +171,7 @@ def main() -> int:
     p.add_argument("--baseline-src", default=None,
                    help="src/ of an earlier checkout to time alternately with this one")
     p.add_argument("--skip-ddp", action="store_true")
+    p.add_argument("--skip-roofline", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
     p.add_argument("--roofline-rounds", type=int, default=3,
                    help="alternating --cpu-heap system/tuned rounds per roofline model")
@@ -155,7 +188,12 @@ def main() -> int:
 
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(sys.argv)}
     result["isa"] = {**hardware.cpu_info().to_dict(), "native_bf16": hardware.native_bf16(),
-                     "recipe_precision": list(precision_choice())}
+                     "recipe_precision": list(precision_choice()),
+                     # ISA caps a run may be made under, to stand in for an older CPU
+                     "environment": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA",
+                                                                "DNNL_MAX_CPU_ISA",
+                                                                "ATEN_CPU_CAPABILITY")
+                                     if k in os.environ}}
     with tempfile.TemporaryDirectory(prefix="dptrain-speed-") as tmp:
         work = Path(tmp)
         print("time to 99 %:", flush=True)
@@ -177,34 +215,8 @@ def main() -> int:
             result["recipe_ddp2"] = {"runs": ddp, "wall_s": mean_std([r["wall_s"] for r in ddp])}
         if not args.skip_classic:
             result["classic"] = classic_run(args.data_root, args.classic_epochs, threads)
-        print("throughput vs roofline (batch 64, one process):", flush=True)
-        measured = peak_flops(threads)
-        peak = measured["flops"]
-        rows = {}
-        for name, model, steps, extra in (("linear", "linear", 900, ()),
-                                          ("convnet", "convnet", 300, ()),
-                                          ("convnet --channels-last", "convnet", 300,
-                                           ("--channels-last",))):
-            # before/after the tuned C heap (dptrain.heap), alternating round by round
-            by_heap: dict[str, list[float]] = {"system": [], "tuned": []}
-            for r in range(args.roofline_rounds):
-                for heap in (("system", "tuned") if r % 2 == 0 else ("tuned", "system")):
-                    by_heap[heap].append(throughput(args.data_root, model, steps, threads,
-                                                    work, (*extra, "--cpu-heap", heap)))
-            sps, before = (statistics.median(by_heap[h]) for h in ("tuned", "system"))
-            fwd = flops_per_sample(build_model(model))
-            achieved = sps * 3 * fwd
-            rows[name] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
-                          "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
-                          "cpu_heap_system": {"samples_per_s": before,
-                                              "fraction_of_peak": before * 3 * fwd / peak},
-                          "tuned_over_system": sps / before, "samples_per_s_runs": by_heap}
-            print(f"  {name}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
-                  f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak "
-                  f"(--cpu-heap system: {before:,.0f} samples/s, "
-                  f"{100 * before * 3 * fwd / peak:.1f} %)", flush=True)
-        result["roofline"] = {"peak_matmul_flops": peak, "peak_measurement": measured,
-                              "threads": threads, "models": rows}
+        if not args.skip_roofline:
+            result["roofline"] = roofline(args, threads, work)
     write(result, Path(args.out))
     return 0
 
