@@ -22,7 +22,10 @@ distribution, steps independent) is what ``sync``'s step would be if waiting for
 process were all it cost; the script compares it with ``sync``'s measured step, and ``sync``'s
 compute with ``none``'s (does computing in lock-step slow the compute itself?).
 
-    python benchmarks/sync_cost.py --rounds 5
+    python benchmarks/sync_cost.py --rounds 5 [--cpu-bind auto]
+
+``--cpu-bind auto`` pins each worker to its own core (``dptrain.affinity``, what ``dptrain
+train`` does by default), in every mode alike.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
     from dptrain.models import build_model
     from dptrain.strategies import shm
 
+    if os.environ.get("SYNC_COST_CPU_BIND", "none") != "none":  # --cpu-bind: as dptrain train
+        from dptrain import affinity
+
+        affinity.bind(os.environ["SYNC_COST_CPU_BIND"], rank, [1, 1], "cpu")
     torch.set_num_threads(1)
     if mode != "none":
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -155,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--wait-quiet", type=float, default=60.0)
+    p.add_argument("--cpu-bind", choices=("none", "auto"), default="none",
+                   help="pin the two workers to one core each, as dptrain train --cpu-bind "
+                        "auto does (every mode alike)")
     p.add_argument("--out", default=str(HERE / "results" / "sync_cost.json"))
     args = p.parse_args(argv)
+    os.environ["SYNC_COST_CPU_BIND"] = args.cpu_bind  # the workers inherit it
     from dptrain.bench import machine_info, wait_for_quiet, write_result
 
     rounds = []
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "sync_cost", "machine": machine_info(sys.argv),
               "config": {"model": "convnet", "batch_per_process": 64, "threads_per_process": 1,
                          "steps": args.steps, "warmup_steps": WARMUP, "rounds": args.rounds,
-                         "data": "one fixed synthetic batch per process"},
+                         "data": "one fixed synthetic batch per process",
+                         "cpu_bind": args.cpu_bind},
               "rounds": rounds, "ratio_to_none_median": headline,
               "lockstep_median": {k: statistics.median(x["lockstep"][k] for x in rounds)
                                   for k in rounds[0]["lockstep"]}}

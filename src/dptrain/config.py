@@ -90,6 +90,9 @@ class TrainConfig:
     threads: str = _opt("0", "intra-op threads per process; 0 = CPU cores / local processes; "
                         "one value per local process, comma-separated (2,1), for unequal "
                         "workers")
+    cpu_bind: str = _opt("none", "pin each local process to its own cores: auto = on the "
+                         "CPU with 2+ local processes whose threads fit the usable cores; none "
+                         "= leave it to the OS (as torchrun)", ("none", "auto"))
     cpu_heap: str = _opt("tuned", "the C heap under CPU tensors (glibc): tuned keeps memory "
                          "freed in a step for the next one (no page faults per step); system = "
                          "glibc's defaults", ("tuned", "system"))

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from dptrain import affinity, dist, heap, strategies
 from dptrain import checkpoint as ck
-from dptrain import dist, heap, strategies
 from dptrain.config import TrainConfig, to_toml
 from dptrain.data import batch as B
 from dptrain.data import shared
@@ -44,6 +44,8 @@ def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | No
     started_at = time.time() if started_at is None else started_at
     env = plan.worker_env(dist.detect() if env is None else env)
     setup_logging(env.rank, env.world_size, quiet=plan.cfg.quiet)
+    affinity.bind(plan.cfg.cpu_bind, env.local_rank,
+                  [plan.threads_for(r) for r in range(env.local_world_size)], plan.device)
     torch.set_num_threads(plan.threads_for(env.local_rank))
     heap.configure(plan.cfg.cpu_heap)
     strategy = strategies.build(plan, env, count_comm=count_comm)

@@ -108,3 +108,13 @@ def gc_probe() -> nn.Module:
     with open(os.environ["GC_PROBE"], "w") as f:
         json.dump({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}, f)
     return mlp()
+
+
+def affinity_probe() -> nn.Module:
+    """mlp, and this process's CPU affinity where the model is built to $AFFINITY_PROBE.RANK."""
+    import json
+    import os
+
+    with open(f"{os.environ['AFFINITY_PROBE']}.{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump(sorted(os.sched_getaffinity(0)), f)
+    return mlp()
