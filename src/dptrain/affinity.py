@@ -8,9 +8,12 @@ one-float all-reduce per step cost 25 % of the no-communication ceiling. With ea
 pinned to its own core (``--cpu-bind auto``, ``results/sync_cost_zen5_pinned.json``, the same
 command half an hour later), the medians over 5 rounds moved: DDP with dptrain's shared-memory
 all-reduce 0.821 -> 0.924 of the ceiling, gloo DDP 0.780 -> 0.828, the bare synchronisation
-0.749 -> 0.780, the lock-step compute 1.147x -> 1.114x; but the rounds' ranges overlap (DDP
-0.82-0.99 unpinned, 0.81-1.19 pinned) and the two were not interleaved, so the gain is not
-shown beyond this VM's drift. Hence opt-in. Pinning also has a hazard the OS does not: two
+0.749 -> 0.780, the lock-step compute 1.147x -> 1.114x. Measured properly, pinned and
+unpinned interleaved in the same rounds (``benchmarks/cpu_bind.py``, ``results/cpu_bind.json``,
+5 rounds), pinning gave DDP no throughput: pinned / unpinned 1.000x median (0.885-1.163), and
+it slowed two independent processes (0.916x). Hence opt-in: it changes nothing measurable on
+that VM, and may on machines with more cores or sockets, where Intel's and MPI's launchers
+pin by default. Pinning also has a hazard the OS does not: two
 jobs started side by side on one machine would both take the first cores (give each its own
 with ``taskset``/``numactl``: the mask is respected).
 
