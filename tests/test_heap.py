@@ -59,7 +59,6 @@ def test_the_tuned_heap_stops_the_page_faults_of_every_step():
 @pytest.fixture
 def fresh(monkeypatch):
     """heap's per-process state as in a new process (other tests may have tuned this one)."""
-    monkeypatch.setattr(heap, "_applied", None)
     monkeypatch.setattr(heap, "_described", "system")
 
 

@@ -120,13 +120,19 @@ def onednn_isa_cap() -> str:
             or "").strip().upper()
 
 
+def _bf16_flags(flags: set[str] | tuple[str, ...]) -> bool:
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def _onednn_below_bf16() -> bool:
+    cap = onednn_isa_cap()
+    return bool(cap) and cap not in ONEDNN_BF16_CAPS
+
+
 def bf16_capped(flags: set[str] | tuple[str, ...] | None = None) -> bool:
     """The CPU has native bf16 (``flags``: its cpuinfo flags, this machine's by default) but
     ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below it."""
-    flags = set(cpu_info().flags if flags is None else flags)
-    cap = onednn_isa_cap()
-    return (any(f in flags for f in NATIVE_BF16_FLAGS) and bool(cap)
-            and cap not in ONEDNN_BF16_CAPS)
+    return _bf16_flags(cpu_info().flags if flags is None else flags) and _onednn_below_bf16()
 
 
 def torch_capability() -> str:
@@ -146,7 +152,7 @@ def cpu_info(refresh: bool = False) -> CpuInfo:
     if _info is None or refresh:
         model, flags = _read_cpuinfo()
         present = tuple(f for f in FLAG_NAMES if f in flags)
-        native = any(f in flags for f in NATIVE_BF16_FLAGS) and not bf16_capped(flags)
+        native = _bf16_flags(flags) and not _onednn_below_bf16()
         _info = CpuInfo(model or platform.processor() or platform.machine(), present,
                         torch_capability(), native)
     return _info

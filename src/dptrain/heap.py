@@ -38,7 +38,6 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 # (the mmap threshold first: if glibc refuses it, nothing else is set -- see the module's note)
 TUNED = ((M_MMAP_THRESHOLD, 32 << 20), (M_TOP_PAD, 256 << 20), (M_TRIM_THRESHOLD, 2**31 - 1))
 
-_applied: str | None = None  # "tuned" once :func:`configure` set it in this process
 _described = "system"  # what :func:`configure` said last (summary.json's ``cpu_heap``)
 
 
@@ -56,23 +55,22 @@ def describe() -> str:
 
 
 def configure(mode: str) -> str:
-    """Set this process's C heap for ``mode`` and say what it is now (see :func:`_configure`)."""
-    global _described
-    _described = _configure(mode)
-    return _described
-
-
-def _configure(mode: str) -> str:
     """Set this process's C heap for ``mode`` and say what it is now: ``tuned``, ``system``
     or ``system (...)`` with the reason nothing was set. Setting ``tuned`` again is a no-op;
     ``system`` after ``tuned`` cannot undo it (glibc offers no way back) and says so."""
-    global _applied
+    global _described
+    _described = _configure(mode, tuned=_described.startswith("tuned"))
+    return _described
+
+
+def _configure(mode: str, tuned: bool) -> str:
+    """:func:`configure`'s answer; ``tuned``: this process's heap is tuned already."""
     if mode not in CHOICES:
         raise ValueError(f"cpu heap mode {mode!r} is not one of {CHOICES}")
     if mode == "system":
-        return "tuned (set earlier in this process)" if _applied == "tuned" else "system"
-    if _applied == "tuned":
-        return _applied
+        return "tuned (set earlier in this process)" if tuned else "system"
+    if tuned:
+        return "tuned"
     if not glibc_version():
         return "system (not glibc: nothing to set)"
     try:
@@ -83,5 +81,4 @@ def _configure(mode: str) -> str:
     for param, value in TUNED:
         if mallopt(param, value) != 1:
             return f"system (mallopt refused parameter {param} = {value})"
-    _applied = "tuned"
-    return _applied
+    return "tuned"
