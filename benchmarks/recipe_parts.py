@@ -29,7 +29,13 @@ HERE = Path(__file__).resolve().parent
 MODELS = ("fastnet-v1", "fastnet")
 
 
-def step_times(rounds: int, steps: int = 10) -> dict[str, Any]:
+def interleaved_step_times(models: tuple[str, ...], rounds: int, steps: int, warmup: int,
+                           bf16: bool = False, **sgd: Any) -> dict[str, list[float]]:
+    """Training-step times at batch 128 (channels_last, one fixed batch, SGD with ``sgd``,
+    bf16 autocast if ``bf16``) of each model, in bursts of ``warmup + steps`` steps, the models'
+    order reversed every other round; the first ``warmup`` steps of a burst are not kept."""
+    import contextlib
+
     import torch
 
     from dptrain.models import build_model
@@ -37,19 +43,28 @@ def step_times(rounds: int, steps: int = 10) -> dict[str, Any]:
     torch.manual_seed(0)
     x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (128,))
-    nets = {m: build_model(m).to(memory_format=torch.channels_last) for m in MODELS}
-    opts = {m: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for m, n in nets.items()}
-    times: dict[str, list[float]] = {m: [] for m in MODELS}
+    nets = {m: build_model(m).to(memory_format=torch.channels_last) for m in models}
+    opts = {m: torch.optim.SGD(n.parameters(), **sgd) for m, n in nets.items()}
+    times: dict[str, list[float]] = {m: [] for m in models}
     for r in range(rounds):
-        for m in (MODELS if r % 2 == 0 else MODELS[::-1]):
-            for i in range(steps + 2):
+        for m in (models if r % 2 == 0 else models[::-1]):
+            for i in range(steps + warmup):
                 t0 = time.perf_counter()
-                loss = torch.nn.functional.cross_entropy(nets[m](x), y)
+                with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
+                      else contextlib.nullcontext()):
+                    loss = torch.nn.functional.cross_entropy(nets[m](x), y)
                 opts[m].zero_grad()
                 loss.backward()
                 opts[m].step()
-                if i >= 2:  # the first two of each burst: warm-up
+                if i >= warmup:
                     times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def step_times(rounds: int, steps: int = 10) -> dict[str, Any]:
+    import torch
+
+    times = interleaved_step_times(MODELS, rounds, steps, warmup=2, lr=0.01, momentum=0.9)
     med = {m: statistics.median(v) for m, v in times.items()}
     return {"batch": 128, "threads": torch.get_num_threads(), "rounds": rounds,
             "steps_per_round": steps, "median_step_s": med,

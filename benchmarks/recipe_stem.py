@@ -14,38 +14,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import recipe_parts  # noqa: E402
+
 MODELS = ("fastnet", "fastnet-strided")
 
 
 def step_times(precision: str, rounds: int, steps: int) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    from dptrain.models import build_model
-
-    torch.manual_seed(0)
-    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (128,))
-    nets = {m: build_model(m).to(memory_format=torch.channels_last) for m in MODELS}
-    opts = {m: torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-            for m, n in nets.items()}
-    times: dict[str, list[float]] = {m: [] for m in MODELS}
-    for r in range(rounds):
-        for m in (MODELS if r % 2 == 0 else MODELS[::-1]):
-            for i in range(steps + 3):
-                t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = F.cross_entropy(nets[m](x), y)
-                opts[m].zero_grad()
-                loss.backward()
-                opts[m].step()
-                if i >= 3:  # the first three of each burst: warm-up
-                    times[m].append(time.perf_counter() - t0)
+    times = recipe_parts.interleaved_step_times(MODELS, rounds, steps, warmup=3,
+                                                bf16=precision == "bf16", lr=0.05,
+                                                momentum=0.9, nesterov=True)
     med = {m: statistics.median(v) for m, v in times.items()}
     return {"median_step_s": med, "step_ratio": med["fastnet-strided"] / med["fastnet"],
             "step_s": times}
