@@ -91,3 +91,31 @@ def busy_worker(cpu_s: float) -> float:
         pass
     me = resource.getrusage(resource.RUSAGE_SELF)
     return me.ru_utime + me.ru_stime
+
+
+def scalar_sum_worker(cpu_allreduce: str) -> dict[str, Any]:
+    """DDP's ``all_reduce_sum`` (the loop's sync point, the evaluation's totals) on a wrapped
+    model: the sums, and how many of them went through gloo's all-reduce."""
+    import os
+
+    import torch.distributed as tdist
+
+    env = dist.detect()
+    cfg = TrainConfig(strategy="ddp", device="cpu", cpu_allreduce=cpu_allreduce)
+    strategy = build(make_plan(cfg, env), env)
+    strategy.setup()
+    try:
+        strategy.wrap(build_model("linear"))  # connects the shared segment where it can
+        calls = []
+        gloo_all_reduce = tdist.all_reduce
+        tdist.all_reduce = lambda *a, **k: calls.append(1) or gloo_all_reduce(*a, **k)
+        rank = int(os.environ["RANK"])
+        stats = torch.tensor([1.5 * (rank + 1), 1.0, 0.0, float(rank == 1)])
+        totals = torch.arange(6, dtype=torch.float64).view(2, 3) * (rank + 1)
+        strided = totals.t()  # not contiguous: reduced through a copy
+        counts = torch.tensor([rank + 1, 7], dtype=torch.int64)
+        out = [strategy.all_reduce_sum(t).tolist() for t in (stats, strided, counts)]
+        tdist.all_reduce = gloo_all_reduce
+        return {"sums": out, "gloo_calls": len(calls), "path": strategy.allreduce_path}
+    finally:
+        strategy.teardown()
