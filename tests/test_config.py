@@ -73,3 +73,28 @@ def test_ints_accepted_for_floats_and_strings(tmp_path: Path):
     path.write_text("lr = 1\nnproc = 2\nprecision = 32\n")
     values = load_toml(path)
     assert values == {"lr": 1.0, "nproc": "2", "precision": "32"}
+
+
+def test_channels_last_spellings(tmp_path: Path):
+    """--channels-last [auto|on|off]: alone = on, --no-channels-last = off, the default auto;
+    a config.toml of an earlier version (channels_last = true/false) and a bool from Python
+    still mean on/off."""
+    assert parse().channels_last == "auto"
+    assert parse("--channels-last").channels_last == "on"
+    assert parse("--channels-last", "off").channels_last == "off"
+    assert parse("--no-channels-last").channels_last == "off"
+    assert parse("--channels-last", "auto").channels_last == "auto"
+    old = tmp_path / "old.toml"
+    old.write_text("channels_last = true\n")
+    assert parse("--config", str(old)).channels_last == "on"
+    old.write_text("channels_last = false\n")
+    assert parse("--config", str(old)).channels_last == "off"
+    assert TrainConfig(channels_last=True).channels_last == "on"
+    assert TrainConfig(channels_last=False).channels_last == "off"
+    with pytest.raises(SystemExit) as exc:
+        parse("--channels-last", "maybe")
+    assert exc.value.code == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('channels_last = "maybe"\n')
+    with pytest.raises(UsageError, match="--channels-last 'maybe' is not one of auto, on, off"):
+        parse("--config", str(bad))

@@ -155,3 +155,59 @@ def test_fastnet_strided_has_a_4x4_stride_2_stem_and_the_same_tail():
     assert fastnet_layout({"fc.weight": torch.zeros(1)}) is None
     assert layout_hint("linear", pooled.state_dict()) == ""
     assert layout_hint("fastnet", pooled.state_dict()) == ""
+
+
+def small_conv() -> torch.nn.Module:
+    """A user's convolutional model (a plug-in): auto leaves it contiguous."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10))
+
+
+@pytest.mark.parametrize(("setting", "name", "device", "expected", "why"), [
+    ("auto", "convnet", "cpu", torch.channels_last, "auto: a built-in conv model on the CPU"),
+    ("auto", "fastnet-strided", "cpu", torch.channels_last, "auto: a built-in conv model"),
+    ("auto", "linear", "cpu", torch.contiguous_format, "auto: no 2-d convolution"),
+    ("auto", "tests.test_models:small_conv", "cpu", torch.contiguous_format,
+     "auto: your own model"),
+    ("auto", "convnet", "cuda", torch.contiguous_format, "auto: on cuda"),
+    ("on", "tests.test_models:small_conv", "cpu", torch.channels_last, "--channels-last on"),
+    ("off", "convnet", "cpu", torch.contiguous_format, "--channels-last off"),
+])
+def test_channels_last_auto_is_for_builtin_conv_models_on_the_cpu(setting, name, device,
+                                                                  expected, why):
+    from dptrain.models import memory_format
+
+    fmt, text = memory_format(setting, name, build_model(name), torch.device(device))
+    assert fmt is expected
+    assert why in text and text.startswith("channels_last" if expected is torch.channels_last
+                                           else "contiguous")
+
+
+def test_channels_last_auto_trains_convnet_as_contiguous_does_up_to_rounding(tmp_path, tiny):
+    """The default (auto: channels_last for convnet on the CPU) and --channels-last off give
+    the same model after 3 steps up to float reassociation (a different convolution kernel
+    sums in another order: ~1e-6 here, against parameters of ~1e-1)."""
+    from tests.conftest import train_inproc
+
+    runs = {}
+    for setting in ("auto", "off"):
+        out = tmp_path / setting
+        s = train_inproc(out, *tiny, "--model", "convnet", "--max-steps", "3",
+                         "--channels-last", setting, "--threads", "1")
+        runs[setting] = (s, torch.load(out / "checkpoints" / "last.pt",
+                                       weights_only=True)["model"])
+    (auto, p_auto), (off, p_off) = runs["auto"], runs["off"]
+    assert auto["memory_format"] == "channels_last (auto: a built-in conv model on the CPU)"
+    assert off["memory_format"] == "contiguous (--channels-last off)"
+    assert p_auto["0.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert p_off["0.0.weight"].is_contiguous()
+    changed = max((p_off[k].float() - build_init(k)).abs().max().item() for k in p_off
+                  if k.endswith("weight"))
+    assert changed > 1e-3  # the 3 steps moved the weights, so the comparison means something
+    for k in p_off:
+        assert torch.allclose(p_auto[k], p_off[k], rtol=1e-4, atol=1e-5), k
+
+
+def build_init(key: str) -> torch.Tensor:
+    torch.manual_seed(0)  # the seed dptrain train builds the model with (--seed 0)
+    return build_model("convnet").state_dict()[key].float()

@@ -59,6 +59,13 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
             continue
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("bool_spelling"):  # --x [auto|on|off]; --x = on; --no-x = off
+            parser.add_argument(f"--{flag(f.name)}", nargs="?", const="on",
+                                choices=f.metadata["choices"], **kwargs)
+            parser.add_argument(f"--no-{flag(f.name)}", action="store_const", const="off",
+                                dest=f.name, default=argparse.SUPPRESS,
+                                help=f"= --{flag(f.name)} off")
+            continue
         else:
             kwargs["type"] = kind
             kwargs["metavar"] = f.name.upper()

@@ -152,7 +152,10 @@ class TrainConfig:
                           ("32", "bf16", "16"))
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     augment: str = _opt("none", "training augmentation", ("none", "shift"))
-    channels_last: bool = _opt(False, "channels_last memory format for conv models")
+    channels_last: str = _opt("auto", "channels_last memory format for the parameters and "
+                              "4-d inputs: auto = for dptrain's conv models on the CPU "
+                              "(faster there), on, off; --channels-last alone = on",
+                              ("auto", "on", "off"), bool_spelling=True)
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "seed: same seed, same result")
     # --- outputs
@@ -174,6 +177,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.threads, int) and not isinstance(self.threads, bool):
             self.threads = str(self.threads)  # threads=2 from Python, as before
+        if isinstance(self.channels_last, bool):  # a bool from Python (the field was one)
+            self.channels_last = "on" if self.channels_last else "off"
         if not self.data_root:
             self.data_root = default_data_root()
 
@@ -338,6 +343,8 @@ def coerce(values: dict[str, Any], *, source: str) -> dict[str, Any]:
             raise UsageError(f"{source}: unknown key {key!r}; see `dptrain train --help` "
                              "for the valid names")
         want = field_type(name)
+        if FIELDS[name].metadata.get("bool_spelling") and isinstance(value, bool):
+            value = "on" if value else "off"  # an older config.toml: channels_last = true
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is str and isinstance(value, int) and not isinstance(value, bool):

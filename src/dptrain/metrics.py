@@ -89,7 +89,7 @@ def build_summary(run: Any, result: Any, pos: Any, last_eval: dict[str, Any],
         "seed": cfg.seed, "resumed_from": resumed_from, "restarts": run.restart,
         "stopped_by_signal": result.stopped_by_signal,
         "torch_version": str(torch.__version__), "out": cfg.out, "cpu_heap": heap.describe(),
-        "cpu_bind": affinity.describe(),
+        "cpu_bind": affinity.describe(), "memory_format": run.memory_format_why,
         **strategy.describe(),
     }
     if strategy.comm is not None:

@@ -27,7 +27,7 @@ from dptrain.errors import UsageError
 from dptrain.evaluation import evaluate
 from dptrain.loop import LoopResult, Position, StopRequest, Trainer, TrainStep, epoch_steps
 from dptrain.metrics import Reporter, build_summary, setup_logging
-from dptrain.models import build_model, has_batchnorm
+from dptrain.models import build_model, has_batchnorm, memory_format
 from dptrain.objective import Objective
 from dptrain.optim import lr_at, scaled_lr
 from dptrain.plan import Plan
@@ -95,8 +95,8 @@ class Run:
                                  tensorboard=cfg.tensorboard, loggers=cfg.logger)
         self.objective = Objective(cfg.loss, cfg.task, label_smoothing=cfg.label_smoothing)
         self.precision = Precision(cfg.precision, self.device)
-        self.memory_format = (torch.channels_last if cfg.channels_last
-                              else torch.contiguous_format)
+        self.memory_format = torch.contiguous_format  # build_model: --channels-last
+        self.memory_format_why = ""
         self.checkpoints = ck.Checkpointer(Path(cfg.out) / "checkpoints",
                                            is_main=strategy.is_main, keep=cfg.keep_ckpts)
         self.has_bn = False
@@ -198,6 +198,8 @@ class Run:
             raise UsageError(f"--model {self.cfg.model} has no trainable parameters; return a "
                              "model with parameters that require grad")
         self.has_bn = has_batchnorm(model)
+        self.memory_format, self.memory_format_why = memory_format(
+            self.cfg.channels_last, self.cfg.model, model, self.device)
         return model.to(self.device, memory_format=self.memory_format)
 
     def load_data(self, model: torch.nn.Module) -> Splits:

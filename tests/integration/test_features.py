@@ -55,11 +55,16 @@ def test_accumulation_equals_the_larger_batch_and_cuts_allreduces_by_k(tmp_path)
 
 
 def test_sync_bn_matches_one_process_and_plain_bn_is_reported_per_process(tmp_path):
-    one = run_training(cfg(tmp_path / "one", model="convnet", batch_size=32, max_steps=30))
+    # 30 steps compare only where both sides run the same convolution kernels: contiguous.
+    # In channels_last oneDNN picks its kernel by batch and thread count, and that rounding
+    # alone (1.7e-4 after 5 steps between 1 process in channels_last and in contiguous) grows
+    # to 2.5e-2 by step 30, as a change of thread count does
+    one = run_training(cfg(tmp_path / "one", model="convnet", batch_size=32, max_steps=30,
+                           channels_last="off"))
     sync = run_training(cfg(tmp_path / "sync", model="convnet", batch_size=16, max_steps=30,
-                            nproc="2", sync_bn=True))
+                            nproc="2", sync_bn=True, channels_last="off"))
     plain = run_training(cfg(tmp_path / "plain", model="convnet", batch_size=16, max_steps=30,
-                             nproc="2"))
+                             nproc="2", channels_last="off"))
     diff, where = compare(params(tmp_path / "one"), params(tmp_path / "sync"))
     assert diff <= 1e-4, where  # parameters AND running statistics
     assert compare(params(tmp_path / "one"), params(tmp_path / "plain"))[0] > 1e-3

@@ -274,6 +274,8 @@ def micro_step_s(model_name: str, batch: int, precision: str, *, seconds: float 
     bf16 runs under CPU autocast as ``--precision bf16`` does. Steps are timed after one
     warm-up step, until ``seconds`` are spent (at least 3, at most ``max_steps``); a first
     timed step already longer than ``seconds`` (bf16 without native support) is the only one.
+    The model and batch take the memory format ``dptrain train`` gives them by default
+    (``--channels-last auto``), as the bench's runs do.
     """
     import statistics
     import time
@@ -281,12 +283,15 @@ def micro_step_s(model_name: str, batch: int, precision: str, *, seconds: float 
     import torch
     import torch.nn.functional as F
 
-    from dptrain.models import build_model
+    from dptrain.models import build_model, memory_format
 
     torch.manual_seed(0)
     model = build_model(model_name)
+    fmt, _ = memory_format("auto", model_name, model, torch.device("cpu"))
+    model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, *MNIST_SHAPE), torch.randint(0, 10, (batch,))
+    x = x.contiguous(memory_format=fmt)
     autocast = precision == "bf16"
 
     def step() -> float:
