@@ -14,13 +14,16 @@ training, evaluation), each in a fresh process:
   epoch reaching 99 %: ``python -m dptrain.bench.baseline classic --stop-at-target``.
 
 Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` and ``convnet --channels-last``
-(one process, all cores; ``--cpu-heap system`` and ``tuned`` alternating, median of each), as a
-fraction of the roofline: achieved FLOP/s = samples/s x 3 x
-forward FLOPs per sample (forward + two backward matmuls), against the best fp32 matmul rate
-measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses).
+in fp32, and (where bf16 is native) ``linear`` and ``convnet`` in bf16 (one process, all
+cores), as a fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per
+sample (forward + two backward matmuls), against the best matmul rate of the row's precision
+measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses). Each row runs in two
+variants alternating round by round, median of each: ``--roofline-compare heap``
+(``--cpu-heap tuned`` vs ``system``) or ``baseline`` (this code vs ``--baseline-src``'s, each
+with its own defaults: before/after for the rows).
 
     python benchmarks/speed.py --data-root /tmp/mnistdata --seeds 5 \
-        [--baseline-src /tmp/dptrain-before/src] [--skip-classic]
+        [--baseline-src /tmp/dptrain-before/src [--roofline-compare baseline]] [--skip-classic]
 """
 
 from __future__ import annotations
@@ -112,53 +115,82 @@ def classic_run(root: str, max_epochs: int, threads: int) -> dict[str, Any]:
     return result
 
 
-def peak_flops(threads: int) -> dict[str, Any]:
-    """The best fp32 matmul rate here, as ``dptrain.hardware`` measures it for MFU (uncached:
+def peak_flops(threads: int, dtype: str = "fp32") -> dict[str, Any]:
+    """The best matmul rate here, as ``dptrain.hardware`` measures it for MFU (uncached:
     measured now, in the machine state of this run)."""
     from dptrain import hardware
 
     torch.set_num_threads(threads)
-    return hardware.measure_matmul("fp32", seconds=3.0)
+    return hardware.measure_matmul(dtype, seconds=3.0)
 
 
 def throughput(root: str, model: str, steps: int, threads: int, work: Path,
-               extra: tuple[str, ...] = ()) -> float:
+               extra: tuple[str, ...] = (), src: str | None = None) -> float:
+    """samples/s of one fresh ``dptrain train`` at batch 64; ``src``: that checkout's code."""
     out = work / f"tp-{model}-{time.monotonic_ns()}"
-    timed([sys.executable, "-m", "dptrain", "train", "--model", model, "--batch-size", "64",
+    cmd = [sys.executable, "-m", "dptrain", "train", "--model", model, "--batch-size", "64",
            "--max-steps", str(steps), "--threads", str(threads), "--data-root", root,
-           "--quiet", "--no-eval-every-epoch", "--out", str(out), *extra])
+           "--quiet", "--no-eval-every-epoch", "--out", str(out), *extra]
+    timed(["env", f"PYTHONPATH={src}", *cmd] if src else cmd)
     return json.loads((out / "summary.json").read_text())["train_samples_per_s"]
 
 
+ROOFLINE_ROWS = (  # name, model, steps, flags, precision (whose peak the row is held against)
+    ("linear", "linear", 900, (), "fp32"),
+    ("convnet", "convnet", 300, (), "fp32"),
+    ("convnet --channels-last", "convnet", 300, ("--channels-last",), "fp32"),
+    ("linear --precision bf16", "linear", 900, ("--precision", "bf16"), "bf16"),
+    ("convnet --precision bf16", "convnet", 300, ("--precision", "bf16"), "bf16"),
+)
+
+
 def roofline(args: argparse.Namespace, threads: int, work: Path) -> dict[str, Any]:
+    """Each row's samples/s in two variants alternating round by round, median of each:
+    ``--roofline-compare heap`` (``--cpu-heap tuned`` vs ``system``) or ``baseline`` (this
+    code vs ``--baseline-src``'s, each with its own defaults). bf16 rows only where bf16 is
+    native."""
+    from dptrain import hardware
+
     print("throughput vs roofline (batch 64, one process):", flush=True)
-    measured = peak_flops(threads)
-    peak = measured["flops"]
+    precisions = ("fp32", "bf16") if hardware.native_bf16() else ("fp32",)
+    measured = {p: peak_flops(threads, p) for p in precisions}
+    if args.roofline_compare == "heap":
+        variants = {"tuned": (("--cpu-heap", "tuned"), None),
+                    "system": (("--cpu-heap", "system"), None)}
+    else:
+        variants = {"after": ((), None), "before": ((), args.baseline_src)}
+    names = list(variants)
     rows = {}
-    for name, model, steps, extra in (("linear", "linear", 900, ()),
-                                      ("convnet", "convnet", 300, ()),
-                                      ("convnet --channels-last", "convnet", 300,
-                                       ("--channels-last",))):
-        # before/after the tuned C heap (dptrain.heap), alternating round by round
-        by_heap: dict[str, list[float]] = {"system": [], "tuned": []}
+    for name, model, steps, extra, precision in ROOFLINE_ROWS:
+        if precision not in precisions:
+            continue
+        peak = measured[precision]["flops"]
+        runs: dict[str, list[float]] = {v: [] for v in names}
         for r in range(args.roofline_rounds):
-            for heap in (("system", "tuned") if r % 2 == 0 else ("tuned", "system")):
-                by_heap[heap].append(throughput(args.data_root, model, steps, threads,
-                                                work, (*extra, "--cpu-heap", heap)))
-        sps, before = (statistics.median(by_heap[h]) for h in ("tuned", "system"))
+            for v in (names if r % 2 == 0 else names[::-1]):
+                flags, src = variants[v]
+                runs[v].append(throughput(args.data_root, model, steps, threads, work,
+                                          (*extra, *flags), src))
+        sps, other = (statistics.median(runs[v]) for v in names)
         fwd = flops_per_sample(build_model(model))
         achieved = sps * 3 * fwd
         rows[name] = {"samples_per_s": sps, "forward_flops_per_sample": fwd,
+                      "precision": precision, "peak_flops": peak,
                       "achieved_flops": achieved, "fraction_of_peak": achieved / peak,
-                      "cpu_heap_system": {"samples_per_s": before,
-                                          "fraction_of_peak": before * 3 * fwd / peak},
-                      "tuned_over_system": sps / before, "samples_per_s_runs": by_heap}
+                      f"{names[1]}": {"samples_per_s": other,
+                                      "fraction_of_peak": other * 3 * fwd / peak},
+                      f"{names[0]}_over_{names[1]}": sps / other, "samples_per_s_runs": runs}
         print(f"  {name}: {sps:,.0f} samples/s = {achieved / 1e9:.1f} GFLOP/s, "
-              f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s matmul peak "
-              f"(--cpu-heap system: {before:,.0f} samples/s, "
-              f"{100 * before * 3 * fwd / peak:.1f} %)", flush=True)
-    return {"peak_matmul_flops": peak, "peak_measurement": measured, "threads": threads,
-            "models": rows}
+              f"{100 * achieved / peak:.1f} % of the {peak / 1e9:.0f} GFLOP/s {precision} matmul "
+              f"peak ({names[1]}: {other:,.0f} samples/s, {100 * other * 3 * fwd / peak:.1f} %)",
+              flush=True)
+    out = {"peak_matmul_flops": measured["fp32"]["flops"], "peak_measurement": measured["fp32"],
+           "peaks": measured, "threads": threads, "compare": args.roofline_compare,
+           "variants": {v: {"flags": list(variants[v][0]), "src": variants[v][1]}
+                        for v in names}, "models": rows}
+    if args.roofline_compare == "baseline":
+        out["baseline_commit"] = _commit(args.baseline_src)
+    return out
 
 
 def main() -> int:
@@ -174,11 +206,17 @@ def main() -> int:
     p.add_argument("--skip-roofline", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
     p.add_argument("--roofline-rounds", type=int, default=3,
-                   help="alternating --cpu-heap system/tuned rounds per roofline model")
+                   help="alternating rounds per roofline row (of the two --roofline-compare "
+                        "variants)")
+    p.add_argument("--roofline-compare", choices=("heap", "baseline"), default="heap",
+                   help="heap: --cpu-heap tuned vs system; baseline: this code vs "
+                        "--baseline-src's")
     p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
     p.add_argument("--derive-only", action="store_true",
                    help="recompute the derived ratios of an existing --out file, run nothing")
     args = p.parse_args()
+    if args.roofline_compare == "baseline" and not args.baseline_src:
+        p.error("--roofline-compare baseline needs --baseline-src")
     if args.derive_only:
         write(json.loads(Path(args.out).read_text()), Path(args.out))
         return 0

@@ -6,21 +6,28 @@ synthetic batch: no data loading) side by side, four ways, rotating the order ev
 * ``none``: independent, no process group (the no-communication ceiling);
 * ``sync``: a gloo all-reduce of one float after every backward (synchronisation only: each
   step waits for the slower process);
+* ``sync_shm``: the same through dptrain's shared-memory segment (synchronisation with a
+  ~30 us channel instead of gloo's ~1-2 ms one);
 * ``ddp_gloo``: PyTorch's DistributedDataParallel with gloo's all-reduce of the gradients;
 * ``ddp_shm``: the same with dptrain's shared-memory all-reduce hook (what ``dptrain train
   --strategy ddp`` uses on one CPU node).
 
 The figure per mode is the global samples/s (sum over the two processes of 64 / step time);
 the headline is the median over rounds of each mode's ratio to ``none`` in the same round.
-If ``ddp_shm`` matches ``sync``, what separates DDP from the ceiling is waiting for the slower
-process at every step (per-step jitter, or one process slower throughout), not the all-reduce.
+If ``ddp_shm`` matches ``sync_shm``, what separates DDP from the ceiling is waiting for the
+slower process at every step (per-step jitter, or one process slower throughout), not the
+all-reduce; ``sync`` against ``sync_shm`` is what gloo's channel adds to one small collective
+per step (what dptrain's DDP paid at every log sync point before 8424186). Every worker runs
+with dptrain's tuned C heap (``--cpu-heap tuned``, as ``dptrain train``; ``--cpu-heap system``
+for glibc's defaults).
 
 Per step, every worker also records its compute time (the step less the all-reduce) and, in
 ``sync``, the all-reduce's time (the wait for the other process, mostly). From ``none``'s
 per-step compute times of the two processes, ``E[max(A, B)]`` (each process's own
-distribution, steps independent) is what ``sync``'s step would be if waiting for the slower
-process were all it cost; the script compares it with ``sync``'s measured step, and ``sync``'s
-compute with ``none``'s (does computing in lock-step slow the compute itself?).
+distribution, steps independent) is what a synchronised step would be if waiting for the
+slower process were all it cost; the script compares it with ``sync``'s and ``sync_shm``'s
+measured steps, and their compute with ``none``'s (does computing in lock-step slow the
+compute itself?).
 
     python benchmarks/sync_cost.py --rounds 5 [--cpu-bind auto]
 
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-MODES = ("none", "sync", "ddp_gloo", "ddp_shm")
+MODES = ("none", "sync", "sync_shm", "ddp_gloo", "ddp_shm")
 WARMUP = 30
 
 
@@ -49,6 +56,7 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from dptrain import heap
     from dptrain.models import build_model
     from dptrain.strategies import shm
 
@@ -57,6 +65,7 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
 
         affinity.bind(os.environ["SYNC_COST_CPU_BIND"], rank, [1, 1], "cpu")
     torch.set_num_threads(1)
+    heap.configure(os.environ.get("SYNC_COST_CPU_HEAP", "tuned"))
     if mode != "none":
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=2)
@@ -66,7 +75,7 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
     if mode.startswith("ddp"):
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25.0,
                                                           broadcast_buffers=False)
-    if mode == "ddp_shm":
+    if mode in ("ddp_shm", "sync_shm"):
         def broadcast(obj: Any) -> Any:
             box = [obj]
             dist.broadcast_object_list(box, src=0)
@@ -79,7 +88,8 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
 
         state, _ = shm.connect(rank, 2, 60.0, None, required=True, broadcast=broadcast,
                                gather=gather)
-        model.register_comm_hook(state, shm.allreduce_hook)
+        if mode == "ddp_shm":
+            model.register_comm_hook(state, shm.allreduce_hook)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     one = torch.zeros(1)
@@ -92,9 +102,9 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
         opt.zero_grad()
         loss.backward()
         waited = 0.0
-        if mode == "sync":
+        if mode in ("sync", "sync_shm"):
             w0 = time.perf_counter()
-            dist.all_reduce(one)
+            dist.all_reduce(one) if mode == "sync" else state.all_reduce_(one)
             waited = time.perf_counter() - w0
         opt.step()
         if i >= WARMUP:
@@ -142,10 +152,10 @@ def expected_slower(a: list[float], b: list[float]) -> float:
     return float(np.maximum.outer(np.asarray(a), np.asarray(b)).mean())
 
 
-def lockstep(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``sync``'s step against waiting-for-the-slower alone (from ``none``), and its compute
-    against ``none``'s."""
-    none, sync = runs["none"], runs["sync"]
+def lockstep(runs: dict[str, dict[str, Any]], mode: str) -> dict[str, float]:
+    """A synchronised mode's step against waiting-for-the-slower alone (from ``none``), and
+    its compute against ``none``'s."""
+    none, sync = runs["none"], runs[mode]
     slower = expected_slower(*none["compute_ms"])
     sync_step = statistics.fmean(sync["step_ms"])
     none_compute = statistics.fmean(none["compute_ms_mean"])
@@ -157,6 +167,9 @@ def lockstep(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
             "sync_compute_over_none_compute": sync_compute / none_compute}
 
 
+SYNCED = ("sync", "sync_shm")  # the modes lockstep() splits
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -165,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-bind", choices=("none", "auto"), default="none",
                    help="pin the two workers to one core each, as dptrain train --cpu-bind "
                         "auto does (every mode alike)")
+    p.add_argument("--cpu-heap", choices=("tuned", "system"), default="tuned",
+                   help="the workers' C heap, as dptrain train --cpu-heap")
     p.add_argument("--out", default=str(HERE / "results" / "sync_cost.json"))
     args = p.parse_args(argv)
     os.environ["SYNC_COST_CPU_BIND"] = args.cpu_bind  # the workers inherit it
+    os.environ["SYNC_COST_CPU_HEAP"] = args.cpu_heap
     from dptrain.bench import machine_info, wait_for_quiet, write_result
 
     rounds = []
@@ -177,16 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = {m: run_mode(m, args.steps) for m in order}
         base = runs["none"]["samples_per_s"]
         ratios = {m: runs[m]["samples_per_s"] / base for m in MODES}
-        split = lockstep(runs)
+        split = {m: lockstep(runs, m) for m in SYNCED}
         for run in runs.values():
             run.pop("compute_ms")  # the raw per-step lists: summarised in split
         rounds.append({"order": list(order), "cpu_busy_before": busy, "runs": runs,
                        "ratio_to_none": ratios, "lockstep": split})
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
             f"{m} {runs[m]['samples_per_s']:,.0f} ({ratios[m]:.3f})" for m in MODES)
-              + f"  sync step / E[slower] {split['sync_step_over_expected_slower']:.3f}, "
-              f"sync compute / none compute {split['sync_compute_over_none_compute']:.3f}",
-              flush=True)
+              + "".join(f"  {m} step / E[slower] {split[m]['sync_step_over_expected_slower']:.3f}"
+                      f", compute / none's {split[m]['sync_compute_over_none_compute']:.3f}"
+                      for m in SYNCED), flush=True)
     headline = {m: {"median": statistics.median(x["ratio_to_none"][m] for x in rounds),
                     "min": min(x["ratio_to_none"][m] for x in rounds),
                     "max": max(x["ratio_to_none"][m] for x in rounds)} for m in MODES}
@@ -194,15 +210,16 @@ def main(argv: list[str] | None = None) -> int:
               "config": {"model": "convnet", "batch_per_process": 64, "threads_per_process": 1,
                          "steps": args.steps, "warmup_steps": WARMUP, "rounds": args.rounds,
                          "data": "one fixed synthetic batch per process",
-                         "cpu_bind": args.cpu_bind},
+                         "cpu_bind": args.cpu_bind, "cpu_heap": args.cpu_heap},
               "rounds": rounds, "ratio_to_none_median": headline,
-              "lockstep_median": {k: statistics.median(x["lockstep"][k] for x in rounds)
-                                  for k in rounds[0]["lockstep"]}}
+              "lockstep_median": {m: {k: statistics.median(x["lockstep"][m][k] for x in rounds)
+                                      for k in rounds[0]["lockstep"][m]} for m in SYNCED}}
     for m in MODES[1:]:
         h = headline[m]
         print(f"{m:9s} / none: median {h['median']:.3f} ({h['min']:.3f}-{h['max']:.3f})")
-    for k, v in result["lockstep_median"].items():
-        print(f"  {k}: median {v:.3f}")
+    for m, split in result["lockstep_median"].items():
+        for k, v in split.items():
+            print(f"  {m} {k}: median {v:.3f}")
     print(f"wrote {write_result(result, args.out)}")
     return 0
 

@@ -21,9 +21,9 @@ def test_expected_slower_of_two_independent_processes(sc) -> None:
 def test_lockstep_compares_sync_with_waiting_alone(sc) -> None:
     runs = {"none": {"compute_ms": [[40.0, 60.0], [50.0, 50.0]],
                      "compute_ms_mean": [50.0, 50.0], "step_ms": [50.0, 50.0]},
-            "sync": {"step_ms": [57.75, 57.75], "compute_ms_mean": [51.0, 51.0],
-                     "wait_ms_mean": [6.75, 6.75]}}
-    split = sc.lockstep(runs)
+            "sync_shm": {"step_ms": [57.75, 57.75], "compute_ms_mean": [51.0, 51.0],
+                         "wait_ms_mean": [6.75, 6.75]}}
+    split = sc.lockstep(runs, "sync_shm")
     assert split["expected_slower_ms"] == pytest.approx(55.0)
     assert split["sync_step_over_expected_slower"] == pytest.approx(1.05)
     assert split["sync_compute_over_none_compute"] == pytest.approx(1.02)
