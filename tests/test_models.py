@@ -172,12 +172,16 @@ def small_conv() -> torch.nn.Module:
     ("auto", "convnet", "cuda", torch.contiguous_format, "auto: on cuda"),
     ("on", "tests.test_models:small_conv", "cpu", torch.channels_last, "--channels-last on"),
     ("off", "convnet", "cpu", torch.contiguous_format, "--channels-last off"),
+    ("auto", "convnet", "fsdp", torch.contiguous_format, "auto: --strategy fsdp"),
+    ("auto", "convnet", "localsgd", torch.contiguous_format, "auto: --strategy localsgd"),
 ])
 def test_channels_last_auto_is_for_builtin_conv_models_on_the_cpu(setting, name, device,
                                                                   expected, why):
     from dptrain.models import memory_format
 
-    fmt, text = memory_format(setting, name, build_model(name), torch.device(device))
+    strategy = device if device in ("fsdp", "localsgd") else "single"
+    device = "cpu" if strategy != "single" else device
+    fmt, text = memory_format(setting, name, build_model(name), torch.device(device), strategy)
     assert fmt is expected
     assert why in text and text.startswith("channels_last" if expected is torch.channels_last
                                            else "contiguous")
@@ -211,3 +215,17 @@ def test_channels_last_auto_trains_convnet_as_contiguous_does_up_to_rounding(tmp
 def build_init(key: str) -> torch.Tensor:
     torch.manual_seed(0)  # the seed dptrain train builds the model with (--seed 0)
     return build_model("convnet").state_dict()[key].float()
+
+
+def test_resumed_optimizer_state_takes_its_parameters_layout():
+    """A momentum buffer saved contiguous, loaded for a channels_last parameter (an old
+    checkpoint under --channels-last auto): re-laid like the parameter, same values."""
+    from dptrain.strategies.base import match_layouts
+
+    w = torch.nn.Parameter(torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    saved = torch.randn(4, 3, 5, 5)  # contiguous
+    opt.state[w]["momentum_buffer"] = saved.clone()
+    match_layouts(opt)
+    buf = opt.state[w]["momentum_buffer"]
+    assert buf.stride() == w.stride() and torch.equal(buf, saved)

@@ -221,8 +221,11 @@ def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
 CHANNELS_LAST = ("auto", "on", "off")
 
 
-def memory_format(setting: str, name: str, model: nn.Module, device: torch.device
-                  ) -> tuple[torch.memory_format, str]:
+KEEP_CONTIGUOUS = ("fsdp", "localsgd", "pipeline", "hogwild")  # see memory_format
+
+
+def memory_format(setting: str, name: str, model: nn.Module, device: torch.device,
+                  strategy: str = "single") -> tuple[torch.memory_format, str]:
     """``--channels-last auto|on|off`` for this model on this device: the format its
     parameters and 4-d inputs take, and why (for the summary).
 
@@ -230,12 +233,18 @@ def memory_format(setting: str, name: str, model: nn.Module, device: torch.devic
     oneDNN's convolutions, pooling and batch norm run faster in it (convnet at batch 64:
     1.07x on an AVX2 EPYC, 1.3-1.5x on a Xeon with AMX, 1.7x on Zen 5; the speed benchmarks'
     results), and contiguous elsewhere: a user's own model may ``view`` its activations
-    (which channels_last refuses), and on a GPU the gain depends on the precision."""
+    (which channels_last refuses), and on a GPU the gain depends on the precision. ``auto``
+    stays contiguous under the strategies that flatten or re-home parameters: FSDP2 refuses
+    non-contiguous parameters, local SGD's averaging makes them contiguous again, and the
+    pipeline and hogwild paths were not measured in channels_last."""
     if setting == "on":
         return torch.channels_last, "channels_last (--channels-last on)"
     if setting == "off":
         return torch.contiguous_format, "contiguous (--channels-last off)"
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if strategy in KEEP_CONTIGUOUS:
+        return torch.contiguous_format, (f"contiguous (auto: --strategy {strategy}; "
+                                         "--channels-last on to change)")
     if ":" not in name and convolutional and device.type == "cpu":
         return torch.channels_last, "channels_last (auto: a built-in conv model on the CPU)"
     why = ("your own model" if ":" in name else "no 2-d convolution" if not convolutional

@@ -199,7 +199,7 @@ class Run:
                              "model with parameters that require grad")
         self.has_bn = has_batchnorm(model)
         self.memory_format, self.memory_format_why = memory_format(
-            self.cfg.channels_last, self.cfg.model, model, self.device)
+            self.cfg.channels_last, self.cfg.model, model, self.device, self.strategy.name)
         return model.to(self.device, memory_format=self.memory_format)
 
     def load_data(self, model: torch.nn.Module) -> Splits:

@@ -188,6 +188,7 @@ class Strategy:
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
                              ) from None
+        match_layouts(optimizer)
         precision.load_state_dict(state.get("scaler") or {})
         self.load_rng_state(state["rng"])
 
@@ -328,3 +329,16 @@ def with_own_kernels(saved: dict[str, Any], optimizer: torch.optim.Optimizer) ->
         group = {k: v for k, v in group.items() if k not in IMPLEMENTATION}
         groups.append({**group, **{k: mine[k] for k in IMPLEMENTATION if k in mine}})
     return {**saved, "param_groups": groups}
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Per-parameter optimizer state (momentum, Adam's moments) in its parameter's memory
+    layout. A checkpoint saved contiguous and resumed in channels_last (or back) would
+    otherwise hold buffers whose strides differ from the parameters', and the fused kernels
+    walk parameter, gradient and buffers as if they shared one layout."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if (isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and value.stride() != p.stride()):
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -165,9 +165,13 @@ class DistributedDataParallel(Strategy):
         # all-reduce of more than one element here (shm.py), the shared segment ~30 us.
         # Every rank takes the same path (self.shm is set on all ranks or on none).
         if self.shm is not None and tensor.device.type == "cpu":
-            if tensor.is_contiguous():
-                return self.shm.all_reduce_(tensor)
-            return tensor.copy_(self.shm.all_reduce_(tensor.contiguous()))
+            with torch.no_grad():  # as gloo: a sum outside autograd (Session.all_reduce(loss))
+                flat = tensor.detach()
+                if flat.is_contiguous():
+                    self.shm.all_reduce_(flat)
+                else:
+                    flat.copy_(self.shm.all_reduce_(flat.contiguous()))
+            return tensor
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
