@@ -16,7 +16,7 @@ The defaults below are data parallelism with one optimizer per rank; a new strat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -336,9 +336,15 @@ def match_layouts(optimizer: torch.optim.Optimizer) -> None:
     layout. A checkpoint saved contiguous and resumed in channels_last (or back) would
     otherwise hold buffers whose strides differ from the parameters', and the fused kernels
     walk parameter, gradient and buffers as if they shared one layout."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, Mapping):  # a wrapper keeping its state elsewhere (ZeRO's)
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
+            entry = state.get(p)
+            if not isinstance(entry, dict):
+                continue
+            for key, value in list(entry.items()):
                 if (isinstance(value, torch.Tensor) and value.shape == p.shape
                         and value.stride() != p.stride()):
-                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    entry[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
