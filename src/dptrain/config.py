@@ -33,6 +33,11 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **extr
     return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
+def on_off(value: Any) -> Any:
+    """A field that was a bool and is now auto/on/off: True -> "on", False -> "off"."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
 def default_data_root() -> str:
     """The one definition of the default data root: ``$DPTRAIN_DATA`` if set and non-empty."""
     return os.environ.get("DPTRAIN_DATA") or "./data"
@@ -177,8 +182,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.threads, int) and not isinstance(self.threads, bool):
             self.threads = str(self.threads)  # threads=2 from Python, as before
-        if isinstance(self.channels_last, bool):  # a bool from Python (the field was one)
-            self.channels_last = "on" if self.channels_last else "off"
+        self.channels_last = on_off(self.channels_last)  # a bool from Python (it was one)
         if not self.data_root:
             self.data_root = default_data_root()
 
@@ -343,8 +347,8 @@ def coerce(values: dict[str, Any], *, source: str) -> dict[str, Any]:
             raise UsageError(f"{source}: unknown key {key!r}; see `dptrain train --help` "
                              "for the valid names")
         want = field_type(name)
-        if FIELDS[name].metadata.get("bool_spelling") and isinstance(value, bool):
-            value = "on" if value else "off"  # an older config.toml: channels_last = true
+        if FIELDS[name].metadata.get("bool_spelling"):
+            value = on_off(value)  # an older config.toml: channels_last = true
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is str and isinstance(value, int) and not isinstance(value, bool):

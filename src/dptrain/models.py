@@ -218,9 +218,6 @@ def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
     return REGISTRY[name](**kwargs)
 
 
-CHANNELS_LAST = ("auto", "on", "off")
-
-
 KEEP_CONTIGUOUS = ("fsdp", "localsgd", "pipeline", "hogwild")  # see memory_format
 
 
@@ -241,10 +238,10 @@ def memory_format(setting: str, name: str, model: nn.Module, device: torch.devic
         return torch.channels_last, "channels_last (--channels-last on)"
     if setting == "off":
         return torch.contiguous_format, "contiguous (--channels-last off)"
-    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if strategy in KEEP_CONTIGUOUS:
         return torch.contiguous_format, (f"contiguous (auto: --strategy {strategy}; "
                                          "--channels-last on to change)")
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if ":" not in name and convolutional and device.type == "cpu":
         return torch.channels_last, "channels_last (auto: a built-in conv model on the CPU)"
     why = ("your own model" if ":" in name else "no 2-d convolution" if not convolutional

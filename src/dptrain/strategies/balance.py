@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from dptrain.strategies.ddp import DistributedDataParallel
@@ -138,23 +137,17 @@ class BalancedDataParallel(DistributedDataParallel):
         keeps no gradient; one used on some ranks only gets theirs (the others count zeros)."""
         params = [p for p in model.parameters() if p.requires_grad]
         had = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        self._sum(had)
+        self.all_reduce_sum(had)
         used = [p for p, n in zip(params, had.tolist(), strict=True) if n > 0]
         for dtype in dict.fromkeys(p.dtype for p in used):
             group = [p for p in used if p.dtype == dtype]
             flat = torch.cat([_grad_or_zeros(p).reshape(-1) for p in group])
-            self._sum(flat.div_(self.world_size))
+            self.all_reduce_sum(flat.div_(self.world_size))
             for p, value in zip(group, flat.split([p.numel() for p in group]), strict=True):
                 if p.grad is None:
                     p.grad = value.view_as(p).clone()
                 else:
                     p.grad.copy_(value.view_as(p))
-
-    def _sum(self, flat: torch.Tensor) -> None:
-        if self.shm is not None:
-            self.shm.all_reduce_(flat)
-        else:
-            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
 
     def rebalance(self, micro: list[Any]) -> None:
         """Gather every rank's time per sample; set the shares and this rank's loss weight
