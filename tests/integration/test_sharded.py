@@ -132,3 +132,28 @@ def test_fsdp_trains_in_bf16_with_its_mixed_precision_policy(tmp_path):
     assert s["test_accuracy"] > 0.9
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in last["model"].values())  # fp32 master shards
+
+
+def test_fsdp_trains_convnet_contiguous_and_refuses_channels_last_up_front(tmp_path):
+    """FSDP2 shards contiguous parameters only: ``auto`` keeps convnet contiguous under fsdp
+    (it trains), while ``--channels-last on`` is refused before the run directory changes --
+    not a traceback from inside fully_shard."""
+    out = tmp_path / "run"
+    common = ("train", "--dataset", "synthetic", "--model", "convnet", "--strategy", "fsdp",
+              "--nproc", "2", "--batch-size", "8", "--max-steps", "2", "--quiet",
+              "--threads", "1", "--out", str(out))
+    first = run_cli(*common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["memory_format"].startswith("contiguous")
+    def files() -> dict[str, bytes]:  # the user's outputs (not the lock: it holds a pid)
+        return {p.name: p.read_bytes() for p in out.rglob("*")
+                if p.is_file() and p.name != ".dptrain.lock"}
+
+    before = files()
+    r = run_cli(*common, "--channels-last", "on", "--resume", "auto")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --strategy fsdp shards contiguous")
+    assert "'1.0.weight' is not" in lines[0] and "Traceback" not in r.stderr
+    assert files() == before

@@ -64,6 +64,15 @@ def _state_dict_api():  # noqa: ANN202 - torch.distributed.checkpoint takes ~2 s
 class FullyShardedDataParallel(DistributedDataParallel):
     name = "fsdp"
 
+    def check_model(self, model: nn.Module) -> None:
+        # FSDP2 shards a parameter's flat storage: it refuses non-contiguous ones (channels_last
+        # conv weights) deep inside fully_shard, after the run directory is written
+        strided = next((n for n, p in model.named_parameters() if not p.is_contiguous()), None)
+        if strided is not None:
+            raise UsageError(f"--strategy fsdp shards contiguous parameters only, and "
+                             f"{strided!r} is not (--channels-last on?); use --channels-last "
+                             "off or auto, or --strategy ddp or zero")
+
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
         if o.sync_bn:
