@@ -175,3 +175,17 @@ def test_bad_pipeline_flags_end_with_one_error_line(tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert "Traceback" not in r.stderr
     assert not (out / "config.toml").exists()  # refused before the run directory is written
+
+
+def test_channels_last_is_refused_up_front(tmp_path):
+    """gloo's point-to-point sends take contiguous tensors only: ``--channels-last on`` is an
+    ``error:`` before anything is written, not a traceback from inside torch's schedule."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--dataset", "synthetic", "--model", "convnet", "--strategy",
+                "pipeline", "--nproc", "2", "--batch-size", "8", "--max-steps", "2", "--quiet",
+                "--threads", "1", "--channels-last", "on", "--out", str(out))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --strategy pipeline sends")
+    assert "'1.0.weight' is not contiguous" in lines[0]
+    assert [p.name for p in out.rglob("*")] in ([], [".dptrain.lock"])  # nothing written

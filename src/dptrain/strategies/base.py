@@ -281,6 +281,17 @@ class Strategy:
                 "device": str(self.device)}
 
 
+def refuse_strided_parameters(model: nn.Module, strategy: str, why: str) -> None:
+    """:meth:`Strategy.check_model` for strategies that need contiguous parameters (and
+    activations): a :class:`UsageError` naming the first one that is not (``--channels-last
+    on`` makes convolution weights channels_last)."""
+    strided = next((n for n, p in model.named_parameters() if not p.is_contiguous()), None)
+    if strided is not None:
+        raise UsageError(f"--strategy {strategy} {why}, and {strided!r} is not contiguous "
+                         "(--channels-last on?); use --channels-last off or auto, or --strategy "
+                         "ddp or zero")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank, or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -46,7 +46,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from dptrain import checkpoint_dcp
 from dptrain.errors import UsageError
-from dptrain.strategies.base import with_own_kernels
+from dptrain.strategies.base import refuse_strided_parameters, with_own_kernels
 from dptrain.strategies.ddp import DistributedDataParallel
 
 if TYPE_CHECKING:
@@ -65,13 +65,9 @@ class FullyShardedDataParallel(DistributedDataParallel):
     name = "fsdp"
 
     def check_model(self, model: nn.Module) -> None:
-        # FSDP2 shards a parameter's flat storage: it refuses non-contiguous ones (channels_last
-        # conv weights) deep inside fully_shard, after the run directory is written
-        strided = next((n for n, p in model.named_parameters() if not p.is_contiguous()), None)
-        if strided is not None:
-            raise UsageError(f"--strategy fsdp shards contiguous parameters only, and "
-                             f"{strided!r} is not (--channels-last on?); use --channels-last "
-                             "off or auto, or --strategy ddp or zero")
+        # FSDP2 refuses non-contiguous parameters deep inside fully_shard, after the run
+        # directory is written: refuse them before
+        refuse_strided_parameters(model, self.name, "shards contiguous parameters only")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options

@@ -55,7 +55,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from dptrain.errors import UsageError
-from dptrain.strategies.base import Strategy, with_own_kernels
+from dptrain.strategies.base import Strategy, refuse_strided_parameters, with_own_kernels
 from dptrain.strategies.ddp import DistributedDataParallel
 
 if TYPE_CHECKING:
@@ -304,6 +304,10 @@ class PipelineParallel(DistributedDataParallel):
     # --- the model
     def check_model(self, model: nn.Module) -> None:
         split_model(model, self.stages, self.options.split_points)  # cuttable, or refused
+        # gloo's point-to-point sends take contiguous tensors: channels_last activations fail
+        # inside torch's schedule (and their gradients come back channels_last)
+        refuse_strided_parameters(model, self.name, "sends activations between stages as "
+                                  "contiguous tensors")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self.split = split_model(model, self.stages, self.options.split_points)
