@@ -58,6 +58,22 @@ def test_results_json_is_well_formed(bench: tuple[Path, dict]) -> None:
     assert ddp2["global_batch"] == 128 and ddp2["efficiency"]["mean"] > 0
     assert _config(results, "single n=1")["summary"]["allreduce_calls_per_step"] == 0
     assert _config(results, "ddp n=1")["summary"]["efficiency"]["mean"] == pytest.approx(1.0)
+    for name in ("single n=1", "ddp n=1", "ddp n=2"):  # linear: nothing to lay out
+        assert _config(results, name)["summary"]["memory_format"].startswith(
+            "contiguous (auto: no 2-d convolution")
+
+
+def test_bench_trains_in_the_layout_dptrain_train_would() -> None:
+    """convnet on the CPU: channels_last, as `dptrain train --channels-last auto` trains it
+    (the bench measured it contiguous, a different and slower path, until it said)."""
+    from dptrain.bench.harness import bench_worker
+
+    spec = {"strategy": "single", "model": "convnet", "dataset": "synthetic",
+            "data_root": "unused", "batch_size": 16, "steps": 2, "warmup": 1, "threads": 1,
+            "seed": 0, "lr": 0.01, "device": "cpu", "bucket_cap_mb": 25.0, "diag_steps": 2}
+    result = bench_worker(spec)
+    assert result["memory_format"] == "channels_last (auto: a built-in conv model on the CPU)"
+    assert len(result["loss_curve"]) == 2 and all(math.isfinite(v) for v in result["loss_curve"])
 
 
 def test_same_seed_same_loss(bench: tuple[Path, dict]) -> None:

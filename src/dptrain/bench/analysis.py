@@ -28,7 +28,8 @@ def summarise(config: Config) -> None:
     for key in ("global_batch", "grad_bytes", "allreduce_calls_per_step",
                 "allreduce_bytes_per_step", "threads", "backend", "devices"):
         summary[key] = reps[0][key]
-    for key in ("collective_bytes_per_step", "state_memory", "describe"):  # as in repeat 1
+    for key in ("collective_bytes_per_step", "state_memory", "describe",
+                "memory_format"):  # as in repeat 1
         summary[key] = reps[0].get(key)
     peaks: dict[tuple[int, str], int] = {}
     for r in reps:

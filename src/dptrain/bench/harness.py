@@ -173,7 +173,7 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
     from dptrain.data.datasets import load_splits
     from dptrain.data.loader import Normalizer, ShardedLoader
     from dptrain.loop import TrainStep
-    from dptrain.models import build_model
+    from dptrain.models import build_model, memory_format
     from dptrain.objective import Objective
     from dptrain.precision import Precision
 
@@ -185,14 +185,18 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         devices = [torch.device("cuda", i) for i in strategy.device_ids]
         feed = cfg.batch_size * spec["gpus"]
     splits = load_splits(cfg.dataset, cfg.data_root, log=_quiet).to(device)
-    normalize = Normalizer(splits.mean, splits.std)
     for d in devices:
         if d.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d)
     rss_before, _ = rss_bytes()
 
     torch.manual_seed(cfg.seed)  # the same initial parameters for every configuration
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    # the layout `dptrain train` would train this model in (--channels-last auto: channels_last
+    # for a built-in conv model on the CPU), parameters and inputs alike
+    fmt, fmt_why = memory_format(cfg.channels_last, cfg.model, model, device, strategy.name)
+    model = model.to(device, memory_format=fmt)
+    normalize = Normalizer(splits.mean, splits.std, fmt)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                      if p.requires_grad)
     loader = ShardedLoader(splits.train_x, splits.train_y, batch_size=feed,
@@ -282,6 +286,7 @@ def _measure(spec: dict[str, Any], cfg: Any, strategy: Any) -> dict[str, Any]:
         "state_memory": strategy.memory(wrapped, optimizer),
         "loss_curve": loss_curve, "memory": memory, "data_world": strategy.data_world,
         "describe": strategy.describe(),  # a collective for some strategies: every rank
+        "memory_format": fmt_why,
     }
 
 
@@ -326,6 +331,7 @@ def combine_ranks(ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "threads": rs[0]["threads"],
         "backend": rs[0]["backend"],
         "describe": rs[0].get("describe", {}),
+        "memory_format": rs[0].get("memory_format"),
         "devices": [r["device"] for r in rs],
         "ranks": rs,
     }

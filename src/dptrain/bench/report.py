@@ -58,6 +58,22 @@ def throughput_rows(configs: list[Config]) -> list[str]:
     return rows
 
 
+def layout_note(configs: list[Config]) -> list[str]:
+    """Which memory format each configuration trained in (`dptrain train`'s choice for it)."""
+    by_format: dict[str, list[str]] = {}
+    for c in configs:
+        fmt = c.summary.get("memory_format") if c.status == "ok" else None
+        if fmt:
+            by_format.setdefault(fmt, []).append(c.name)
+    if not by_format:
+        return []
+    if len(by_format) == 1:
+        return [f"Parameters and inputs: {next(iter(by_format))}, as `dptrain train` would "
+                "train them.", ""]
+    parts = "; ".join(f"{fmt} for {', '.join(names)}" for fmt, names in by_format.items())
+    return [f"Parameters and inputs, as `dptrain train` would train them: {parts}.", ""]
+
+
 def _balance(c: Config) -> str:
     peaks = [m["peak_bytes"] for m in c.summary.get("memory", []) if m.get("peak_bytes")]
     if not peaks:
@@ -347,7 +363,7 @@ def write_report(out: Path, results: dict[str, Any], configs: list[Config]) -> s
         f"{o['threads'] or 'CPU cores / processes'}; seed {o['seed']}.", "",
         *_load_warning(loads),
         "## Throughput", "",
-        *throughput_rows(configs), "",
+        *throughput_rows(configs), "", *layout_note(configs),
         "Mean ± std over repeats. *step* is the training step as trained (all timed steps as "
         "a whole, device-synchronised at both ends; samples/s comes from it). The breakdown "
         "comes from per-step timings after it (medians): *data* = batch gather + normalise "
