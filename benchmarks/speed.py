@@ -13,11 +13,11 @@ training, evaluation), each in a fresh process:
   0.7, batch 64, per-sample DataLoader), evaluated after each epoch and stopped at the first
   epoch reaching 99 %: ``python -m dptrain.bench.baseline classic --stop-at-target``.
 
-Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` and ``convnet --channels-last``
-in fp32, and (where bf16 is native) ``linear`` and ``convnet`` in bf16 (one process, all
-cores), as a fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per
-sample (forward + two backward matmuls), against the best matmul rate of the row's precision
-measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses). Each row runs in two
+Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` (its default layout: channels_last
+on the CPU since ``--channels-last auto``) and ``convnet --no-channels-last`` in fp32, and
+(where bf16 is native) ``linear`` and ``convnet`` in bf16 (one process, all cores), as a
+fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per sample (forward
++ two backward matmuls), against the best matmul rate of the row's precision measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses). Each row runs in two
 variants alternating round by round, median of each: ``--roofline-compare heap``
 (``--cpu-heap tuned`` vs ``system``) or ``baseline`` (this code vs ``--baseline-src``'s, each
 with its own defaults: before/after for the rows).
@@ -138,7 +138,9 @@ def throughput(root: str, model: str, steps: int, threads: int, work: Path,
 ROOFLINE_ROWS = (  # name, model, steps, flags, precision (whose peak the row is held against)
     ("linear", "linear", 900, (), "fp32"),
     ("convnet", "convnet", 300, (), "fp32"),
-    ("convnet --channels-last", "convnet", 300, ("--channels-last",), "fp32"),
+    # the default is channels_last for convnet on the CPU (auto); contiguous for comparison
+    # (--no-channels-last: both this code and older code that had a plain on/off flag)
+    ("convnet --no-channels-last", "convnet", 300, ("--no-channels-last",), "fp32"),
     ("linear --precision bf16", "linear", 900, ("--precision", "bf16"), "bf16"),
     ("convnet --precision bf16", "convnet", 300, ("--precision", "bf16"), "bf16"),
 )
