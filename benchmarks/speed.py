@@ -16,11 +16,12 @@ training, evaluation), each in a fresh process:
 Part 2 -- throughput at batch 64 for ``linear``, ``convnet`` (its default layout: channels_last
 on the CPU since ``--channels-last auto``) and ``convnet --no-channels-last`` in fp32, and
 (where bf16 is native) ``linear`` and ``convnet`` in bf16 (one process, all cores), as a
-fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per sample (forward
-+ two backward matmuls), against the best matmul rate of the row's precision measured here (``dptrain.hardware.measure_matmul``, the figure MFU uses). Each row runs in two
-variants alternating round by round, median of each: ``--roofline-compare heap``
-(``--cpu-heap tuned`` vs ``system``) or ``baseline`` (this code vs ``--baseline-src``'s, each
-with its own defaults: before/after for the rows).
+fraction of the roofline: achieved FLOP/s = samples/s x 3 x forward FLOPs per sample (forward +
+two backward matmuls), against the best matmul rate of the row's precision measured here
+(``dptrain.hardware.measure_matmul``, the figure MFU uses). Each row runs in two variants
+alternating round by round, median of each: ``--roofline-compare heap`` (``--cpu-heap tuned``
+vs ``system``) or ``baseline`` (this code vs ``--baseline-src``'s, each with its own defaults:
+before/after for the rows).
 
     python benchmarks/speed.py --data-root /tmp/mnistdata --seeds 5 \
         [--baseline-src /tmp/dptrain-before/src [--roofline-compare baseline]] [--skip-classic]
