@@ -73,6 +73,17 @@ def test_a_onednn_isa_cap_below_bf16_makes_bf16_not_native(monkeypatch):
     assert _fake_cpu(monkeypatch, EPYC).native_bf16 is False  # no bf16 flags: never native
 
 
+def test_why_bf16_is_not_native_names_the_cause(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert hardware.why_not_native_bf16(_fake_cpu(monkeypatch, XEON).flags) is None
+    epyc = _fake_cpu(monkeypatch, EPYC).flags
+    assert hardware.why_not_native_bf16(epyc) == "no AMX-BF16 or AVX512-BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert hardware.why_not_native_bf16(_fake_cpu(monkeypatch, XEON).flags) == (
+        "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from the bf16 instructions")
+
+
 def test_this_machine_matches_proc_cpuinfo(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)

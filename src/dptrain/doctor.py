@@ -284,11 +284,10 @@ def check_isa() -> Check:
     amx = "AMX-BF16" if "amx_bf16" in have else "no AMX"
     features = ", ".join([yes("avx2", "AVX2"), yes("avx512f", "AVX-512"),
                           yes("avx512_bf16", "AVX512-BF16"), amx])
-    capped = hardware.bf16_capped(have)
+    why = hardware.why_not_native_bf16(have)
     bf16 = ("bf16 runs natively (oneDNN)" if info.native_bf16
-            else f"bf16 is NOT native: ONEDNN_MAX_CPU_ISA={hardware.onednn_isa_cap()} keeps "
-                 "oneDNN from the bf16 instructions (emulated, far slower than fp32)" if capped
-            else "bf16 is NOT native: it is emulated, far slower than fp32")
+            else f"bf16 is NOT native ({why or 'not supported'}): it is emulated, far slower "
+                 "than fp32")
     detail = (f"{info.model}: {features}; ATen kernels {info.capability}; {bf16}")
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
     if x86 and "avx2" not in have:

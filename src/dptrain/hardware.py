@@ -129,10 +129,15 @@ def _onednn_below_bf16() -> bool:
     return bool(cap) and cap not in ONEDNN_BF16_CAPS
 
 
-def bf16_capped(flags: set[str] | tuple[str, ...] | None = None) -> bool:
-    """The CPU has native bf16 (``flags``: its cpuinfo flags, this machine's by default) but
-    ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below it."""
-    return _bf16_flags(cpu_info().flags if flags is None else flags) and _onednn_below_bf16()
+def why_not_native_bf16(flags: set[str] | tuple[str, ...] | None = None) -> str | None:
+    """Why bf16 is emulated on this CPU (``flags``: its cpuinfo flags, this machine's by
+    default), for doctor and the recipes alike; ``None`` where it runs natively."""
+    flags = cpu_info().flags if flags is None else flags
+    if not _bf16_flags(flags):
+        return "no AMX-BF16 or AVX512-BF16"
+    if _onednn_below_bf16():
+        return f"ONEDNN_MAX_CPU_ISA={onednn_isa_cap()} keeps oneDNN from the bf16 instructions"
+    return None
 
 
 def torch_capability() -> str:

@@ -54,11 +54,8 @@ def precision_choice() -> tuple[str, str]:
 
     info = hardware.cpu_info()
     if not hardware.native_bf16():
-        if hardware.bf16_capped():
-            return "32", (f"fp32: ONEDNN_MAX_CPU_ISA={hardware.onednn_isa_cap()} keeps oneDNN "
-                          f"from {info.model}'s bf16 instructions, so bf16 is emulated there")
-        return "32", (f"fp32: {info.model} has no native bf16 (no AMX-BF16 or AVX512-BF16), "
-                      "where bf16 is emulated and far slower")
+        return "32", (f"fp32: bf16 is emulated on {info.model}, far slower "
+                      f"({hardware.why_not_native_bf16() or 'not native'})")
     import torch
 
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
