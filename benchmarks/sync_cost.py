@@ -12,7 +12,10 @@ synthetic batch: no data loading) side by side, four ways, rotating the order ev
 * ``ddp_shm``: the same with dptrain's shared-memory all-reduce hook (what ``dptrain train
   --strategy ddp`` uses on one CPU node).
 
-The figure per mode is the global samples/s (sum over the two processes of 64 / step time);
+In every mode both processes warm up, then start their clocks together (a file barrier: mode
+``none`` has no process group; results before 2026-12-03 started ``none``'s two processes
+without one, so their timed windows could overlap less than the others'). The figure per
+mode is the global samples/s (sum over the two processes of 64 / step time);
 the headline is the median over rounds of each mode's ratio to ``none`` in the same round.
 If ``ddp_shm`` matches ``sync_shm``, what separates DDP from the ceiling is waiting for the
 slower process at every step (per-step jitter, or one process slower throughout), not the
@@ -40,9 +43,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 MODES = ("none", "sync", "sync_shm", "ddp_gloo", "ddp_shm")
 WARMUP = 30
+
+
+def start_together(directory: str, rank: int, world: int = 2, timeout_s: float = 120.0) -> None:
+    """A barrier without a process group (mode ``none`` has none): each rank leaves a file,
+    then waits for all of them, so that independent processes time the same window."""
+    Path(directory, f"ready-{rank}").touch()
+    deadline = time.monotonic() + timeout_s
+    while not all(Path(directory, f"ready-{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"rank {rank}: the other rank did not start in {timeout_s:g} s")
+        time.sleep(1e-4)
 
 
 def worker(rank: int, mode: str, port: int, steps: int) -> None:
@@ -95,7 +111,8 @@ def worker(rank: int, mode: str, port: int, steps: int) -> None:
     one = torch.zeros(1)
     compute_ms, wait_ms = [], []
     for i in range(WARMUP + steps):
-        if i == WARMUP:
+        if i == WARMUP:  # both ranks warm: start the clock together, in every mode
+            start_together(os.environ["SYNC_COST_BARRIER_DIR"], rank)
             t0 = time.perf_counter()
         start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -121,7 +138,9 @@ def run_mode(mode: str, steps: int) -> dict[str, Any]:
     from dptrain.dist import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    barrier = tempfile.mkdtemp(prefix="sync-cost-")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"),
+           "SYNC_COST_BARRIER_DIR": barrier}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), mode, str(port),
                                str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in range(2)]
@@ -137,6 +156,7 @@ def run_mode(mode: str, steps: int) -> dict[str, Any]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        shutil.rmtree(barrier, ignore_errors=True)
     ranks.sort(key=lambda r: r["rank"])
     step_ms = [r["step_ms"] for r in ranks]
     return {"mode": mode, "step_ms": step_ms, "samples_per_s": sum(64e3 / t for t in step_ms),
