@@ -145,3 +145,13 @@ def test_scalar_sums_take_the_gradients_path(allreduce, gloo_calls):
         assert got["path"] == ("shm" if allreduce == "auto" else "gloo")
         assert got["sums"] == expected
         assert got["gloo_calls"] == gloo_calls
+
+
+def test_one_process_ddp_makes_no_all_reduce():
+    """A sum over one rank is the tensor itself: a one-process DDP job (``--nproc 1``, what
+    ``dptrain bench`` bases its efficiencies on) skips gloo for its gradients and its sync
+    points (~70 us per bucket and ~20 us per sum here) and keeps the same gradients."""
+    from tests.integration.workers import one_process_ddp_worker
+
+    (got,) = launch.launch(one_process_ddp_worker, (), nproc=1).values()
+    assert got == {"gloo_calls": 0, "sum": [2.5, 1.0], "grads_equal": True}

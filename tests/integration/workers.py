@@ -119,3 +119,36 @@ def scalar_sum_worker(cpu_allreduce: str) -> dict[str, Any]:
         return {"sums": out, "gloo_calls": len(calls), "path": strategy.allreduce_path}
     finally:
         strategy.teardown()
+
+
+def one_process_ddp_worker() -> dict[str, Any]:
+    """One DDP step and one ``all_reduce_sum`` in a one-process job: how many gloo
+    all-reduces they made (none are needed), and whether the gradients equal a plain
+    model's (bitwise: the sum over one rank is the gradient itself)."""
+    import copy
+
+    import torch.distributed as tdist
+
+    env = dist.detect()
+    cfg = TrainConfig(strategy="ddp", device="cpu")
+    strategy = build(make_plan(cfg, env), env)
+    strategy.setup()
+    try:
+        torch.manual_seed(0)
+        plain = build_model("linear")
+        wrapped = strategy.wrap(copy.deepcopy(plain))
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        calls = []
+        gloo_all_reduce = tdist.all_reduce
+        tdist.all_reduce = lambda *a, **k: calls.append(1) or gloo_all_reduce(*a, **k)
+        try:
+            torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+            total = strategy.all_reduce_sum(torch.tensor([2.5, 1.0])).tolist()
+        finally:
+            tdist.all_reduce = gloo_all_reduce
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        same = all(torch.equal(a.grad, b.grad) for a, b in
+                   zip(plain.parameters(), strategy.unwrap(wrapped).parameters(), strict=True))
+        return {"gloo_calls": len(calls), "sum": total, "grads_equal": same}
+    finally:
+        strategy.teardown()
