@@ -179,3 +179,25 @@ def test_unknown_loss_and_task():
         Objective("hinge")
     with pytest.raises(UsageError, match="--task"):
         Objective("mse", "ranking")
+
+
+@pytest.mark.parametrize(("loss", "task", "fits"), [
+    ("bce", "classification", "cross_entropy or nll"),
+    ("mse", "classification", "cross_entropy or nll"),
+    ("cross_entropy", "regression", "mse, l1 or huber"),
+    ("nll", "multilabel", "bce"),
+])
+def test_a_builtin_loss_against_the_other_side_of_classification_is_refused(loss, task, fits):
+    """Class labels against logits need cross_entropy/nll, and those read float targets as
+    class probabilities: such a pairing failed mid-run with a reshape error (bce +
+    classification) or would train on a misread target."""
+    with pytest.raises(UsageError, match=f"--loss {loss} is a .* loss, but --task is {task}; "
+                                         f"for {task} use --loss {fits}"):
+        Objective(loss, task)
+
+
+@pytest.mark.parametrize(("loss", "task"), [
+    ("cross_entropy", "classification"), ("bce", "multilabel"), ("bce", "regression"),
+    ("mse", "multilabel"), ("huber", "auto")])
+def test_pairings_that_fit_are_kept(loss, task):
+    assert Objective(loss, task).task == (task if task != "auto" else "regression")

@@ -75,6 +75,14 @@ class Objective:
             from dptrain.models import load_factory
 
             self.custom = load_factory(loss, "loss")
+        own = TASK_OF_LOSS.get(loss)  # a built-in loss's task (None: a custom loss)
+        if own is not None and task != "auto" and "classification" in (task, own) and task != own:
+            # class labels (N,) against (N, C) logits need cross_entropy/nll, and those read
+            # float targets as class probabilities: any other pairing fails mid-run, or worse
+            fits = ("cross_entropy or nll" if task == "classification"
+                    else "bce" if task == "multilabel" else "mse, l1 or huber")
+            raise UsageError(f"--loss {loss} is a {own} loss, but --task is {task}; for "
+                             f"{task} use --loss {fits}, or drop --task")
         self.task = task if task != "auto" else TASK_OF_LOSS.get(loss, "auto")
         self.label_smoothing = label_smoothing
         if label_smoothing and loss != "cross_entropy":
