@@ -134,6 +134,21 @@ def test_fsdp_trains_in_bf16_with_its_mixed_precision_policy(tmp_path):
     assert all(t.dtype == torch.float32 for t in last["model"].values())  # fp32 master shards
 
 
+def test_fsdp_trains_a_batchnorm_convnet_in_bf16(tmp_path):
+    """BatchNorm keeps fp32 parameters under FSDP's bf16 policy: with bf16 ones beside its
+    fp32 running statistics the CPU kernel refused (a traceback at the first forward)."""
+    out = tmp_path / "bf16"
+    r = run_cli("train", "--dataset", "synthetic", "--model", "convnet", "--strategy", "fsdp",
+                "--nproc", "2", "--precision", "bf16", "--lr", "0.05", "--momentum", "0.9",
+                "--batch-size", "32", "--max-steps", "40", "--threads", "1", "--quiet",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["precision"] == "bf16" and s["test_accuracy"] > 0.9
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in last["model"].values())
+
+
 def test_fsdp_trains_convnet_contiguous_and_refuses_channels_last_up_front(tmp_path):
     """FSDP2 shards contiguous parameters only: ``auto`` keeps convnet contiguous under fsdp
     (it trains), while ``--channels-last on`` is refused before the run directory changes --

@@ -80,6 +80,16 @@ class FullyShardedDataParallel(DistributedDataParallel):
                   if o.precision == "bf16" else MixedPrecisionPolicy())
         kwargs = {"mesh": mesh, "reshard_after_forward": o.reshard_after_forward,
                   "mp_policy": policy}
+        if o.precision == "bf16":
+            # BatchNorm keeps fp32 parameters, as under autocast: its running statistics are
+            # fp32 buffers (FSDP casts parameters only), and the CPU kernel takes bf16 input
+            # with fp32 weight and statistics, not bf16 weight with fp32 statistics
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(
+                        p.requires_grad for p in m.parameters()):
+                    fully_shard(m, **{**kwargs, "mp_policy": fp32})
         for block in model.children():
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block, **kwargs)
