@@ -134,6 +134,8 @@ class DistributedDataParallel(Strategy):
             required=wanted == "shm", broadcast=self.broadcast_object,
             gather=self.all_gather_object)
 
+    own_comm_hook = False  # a subclass registers its own (DDP takes one hook only)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
         if o.sync_bn:
@@ -152,7 +154,7 @@ class DistributedDataParallel(Strategy):
         hook, state = HOOKS[o.comm_hook], None
         if self.shm is not None:
             hook, state = shm.allreduce_hook, self.shm
-        elif self.world_size == 1 and o.comm_hook == "none":
+        elif self.world_size == 1 and o.comm_hook == "none" and not self.own_comm_hook:
             hook = local_hook  # (a compressing hook still rounds: it stays, as asked)
         if o.count_comm:
             self.comm = CommCounter(state)

@@ -160,6 +160,8 @@ class LocalSGD(DistributedDataParallel):
         self._wrapped: dict[int, PostLocalSGDOptimizer] = {}
 
     # --- the model
+    own_comm_hook = True  # post-local-SGD's, registered in wrap
+
     def wrap(self, model: nn.Module) -> nn.Module:
         self.template = copy.deepcopy(model)  # the averaged model: evaluation, last.pt
         ddp = super().wrap(model)
