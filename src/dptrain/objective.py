@@ -83,7 +83,7 @@ class Objective:
                     else "bce" if task == "multilabel" else "mse, l1 or huber")
             raise UsageError(f"--loss {loss} is a {own} loss, but --task is {task}; for "
                              f"{task} use --loss {fits}, or drop --task")
-        self.task = task if task != "auto" else TASK_OF_LOSS.get(loss, "auto")
+        self.task = task if task != "auto" else own or "auto"
         self.label_smoothing = label_smoothing
         if label_smoothing and loss != "cross_entropy":
             raise UsageError(f"--label-smoothing is for --loss cross_entropy, not {loss}; "

@@ -134,8 +134,6 @@ class DistributedDataParallel(Strategy):
             required=wanted == "shm", broadcast=self.broadcast_object,
             gather=self.all_gather_object)
 
-    own_comm_hook = False  # a subclass registers its own (DDP takes one hook only)
-
     def wrap(self, model: nn.Module) -> nn.Module:
         o = self.options
         if o.sync_bn:
@@ -151,17 +149,22 @@ class DistributedDataParallel(Strategy):
                 **_NO_FORWARD_BUFFER_SYNC,
             )
         self.connect_shm()
-        hook, state = HOOKS[o.comm_hook], None
-        if self.shm is not None:
-            hook, state = shm.allreduce_hook, self.shm
-        elif self.world_size == 1 and o.comm_hook == "none" and not self.own_comm_hook:
-            hook = local_hook  # (a compressing hook still rounds: it stays, as asked)
+        hook, state = self.comm_hook()
         if o.count_comm:
             self.comm = CommCounter(state)
             ddp.register_comm_hook(self.comm, _counting(hook))
         elif hook is not default_hooks.allreduce_hook:
             ddp.register_comm_hook(state, hook)
         return ddp
+
+    def comm_hook(self) -> tuple[Any, Any]:
+        """The gradient buckets' comm hook and its state, registered once by :meth:`wrap`
+        (DDP takes one hook only; torch's plain all-reduce is left unregistered)."""
+        if self.shm is not None:
+            return shm.allreduce_hook, self.shm
+        if self.world_size == 1 and self.options.comm_hook == "none":
+            return local_hook, None  # (a compressing hook still rounds: it stays, as asked)
+        return HOOKS[self.options.comm_hook], None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DDP) else model

@@ -160,16 +160,16 @@ class LocalSGD(DistributedDataParallel):
         self._wrapped: dict[int, PostLocalSGDOptimizer] = {}
 
     # --- the model
-    own_comm_hook = True  # post-local-SGD's, registered in wrap
-
     def wrap(self, model: nn.Module) -> nn.Module:
         self.template = copy.deepcopy(model)  # the averaged model: evaluation, last.pt
-        ddp = super().wrap(model)
+        return super().wrap(model)
+
+    def comm_hook(self) -> tuple[Any, Any]:
+        """Post-local SGD's: all-reduce for the warm-up steps, then none."""
         self.hook_state = PostLocalSGDState(process_group=tdist.group.WORLD, subgroup=None,
                                             start_localSGD_iter=self.warmup,
                                             post_local_gradient_allreduce=False)
-        ddp.register_comm_hook(self.hook_state, _counting_post_local(self.traffic))
-        return ddp
+        return _counting_post_local(self.traffic), self.hook_state
 
     def _own(self, model: nn.Module) -> nn.Module:
         """This rank's own (training) module, unwrapped."""
