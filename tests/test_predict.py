@@ -61,3 +61,24 @@ def test_predict_errors_are_one_line(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     r = run_cli("predict", "--ckpt", str(junk))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_predict_never_replaces_a_file_and_refuses_bad_batch_sizes(tmp_path, tiny):
+    out = tmp_path / "run"
+    train_inproc(out, *tiny, "--model", "linear", "--max-steps", "5")
+    ckpt = out / "checkpoints" / "last.pt"
+    before = {p: p.read_bytes() for p in (ckpt, out / "summary.json")}
+    for target in before:  # the run's own files given as --out by mistake
+        r = run_cli("predict", "--ckpt", str(ckpt), "--data-root", tiny[-1], "--out",
+                    str(target))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: --out ") and "already exists" in r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert torch.load(ckpt, weights_only=True)["model"]  # still a loadable checkpoint
+    r = run_cli("predict", "--ckpt", str(ckpt), "--out", str(tmp_path / "nodir" / "p.json"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    for bad in ("-5", "0", "x"):
+        r = run_cli("predict", "--ckpt", str(ckpt), "--data-root", tiny[-1],
+                    "--batch-size", bad)
+        assert r.returncode == 2 and "--batch-size" in r.stderr and "nan" not in r.stdout

@@ -128,6 +128,10 @@ def predict(ckpt: str | Path, *, dataset: str = "", data_root: str = "",
     from dptrain.precision import Precision
     from dptrain.run import _BatchPreparer
 
+    if batch_size < 0 or isinstance(batch_size, bool):
+        raise UsageError(f"--batch-size {batch_size}: must be a positive number of samples")
+    if out is not None:
+        _check_out(Path(out))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -165,8 +169,35 @@ def predict(ckpt: str | Path, *, dataset: str = "", data_root: str = "",
                     continue
                 p = p.float()
                 preds.extend((p.argmax(1) if objective.task == "classification" else p).tolist())
-        Path(out).write_text(json.dumps({**result, "predictions": preds}) + "\n")
+        _write_new(Path(out), (json.dumps({**result, "predictions": preds}) + "\n").encode())
     return result
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` names a new file in an existing directory: predict never replaces a file
+    (a run's ``last.pt`` or ``summary.json`` given by mistake would be lost)."""
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"--out {out}: already exists; predict writes a new file only "
+                         "(remove it or choose another name)")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+
+
+def _write_new(out: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``out`` (exclusive create: a file that appeared
+    meanwhile is not replaced); a failed write removes the partial file."""
+    try:
+        fh = open(out, "xb")
+    except FileExistsError:
+        raise UsageError(f"--out {out}: appeared while predicting; not replaced") from None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    try:
+        with fh:
+            fh.write(data)
+    except OSError as exc:
+        out.unlink(missing_ok=True)
+        raise UsageError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -182,6 +213,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``dptrain predict`` on the top-level subparsers."""
     p = sub.add_parser(
@@ -195,10 +236,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dataset name or package.module:factory (default: the checkpoint's)")
     p.add_argument("--data-root", default="", metavar="DIR",
                    help="dataset root (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=_positive, default=0, metavar="N",
                    help="evaluation batch (default: the run's --eval-batch-size)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="device (default: cpu)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="write the predictions as JSON (default: only print the metrics)")
+                   help="write the predictions as JSON to this new file; an existing file is "
+                   "never replaced (default: only print the metrics)")
     p.set_defaults(func=cmd_predict)
