@@ -187,7 +187,7 @@ def _write_new(out: Path, data: bytes) -> None:
     """Write ``data`` to the new file ``out`` (exclusive create: a file that appeared
     meanwhile is not replaced); a failed write removes the partial file."""
     try:
-        fh = open(out, "xb")
+        fh = open(out, "xb")  # noqa: SIM115 (the write's own errors are told apart below)
     except FileExistsError:
         raise UsageError(f"--out {out}: appeared while predicting; not replaced") from None
     except OSError as exc:
