@@ -145,3 +145,25 @@ def test_split_args_takes_only_our_flags_before_the_separator():
                              "3"])
     assert ours == {"nproc": "2", "nnodes": 1}
     assert rest == ["--lr", "1", "x", "--nproc", "3"]
+
+
+def test_run_gives_everything_after_the_separator_to_the_script(tmp_path, capsys):
+    """argparse drops the first `--`; `dptrain run s.py -- --nproc 8` must not start 8."""
+    from dptrain import cli
+
+    script, seen = tmp_path / "s.py", tmp_path / "argv.json"
+    script.write_text("import json, os, sys\n"
+                      f"open({str(seen)!r}, 'a').write(json.dumps([sys.argv[1:], "
+                      "os.environ.get('WORLD_SIZE')]) + '\\n')\n")
+    cases = {(str(script), "--", "--nproc", "8", "a"): ["--nproc", "8", "a"],
+             (str(script), "x", "--", "--nproc", "8"): ["x", "--nproc", "8"],
+             ("--nproc", "1", str(script), "--", "--lr", "3"): ["--lr", "3"],
+             (str(script), "--nproc", "1", "--", "--nproc", "8"): ["--nproc", "8"],
+             (str(script), "--", "--", "b"): ["--", "b"],
+             ("--", str(script), "--nproc", "3"): ["--nproc", "3"]}
+    for argv, want in cases.items():
+        seen.unlink(missing_ok=True)
+        assert cli.main(["run", *argv]) == 0
+        assert [json.loads(line) for line in seen.read_text().splitlines()] == [[want, None]]
+    assert cli.main(["run", "--"]) == 2
+    assert capsys.readouterr().err.startswith("error: no SCRIPT after --")

@@ -391,6 +391,10 @@ def _main(argv: list[str] | None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if argv[:1] == ["run"]:
+        from dptrain.runscript import mark_separator
+
+        argv = mark_separator(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error, already printed

@@ -49,12 +49,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
+# argparse drops the first ``--`` of a command line, even one after SCRIPT, and then
+# ``dptrain run s.py -- --nproc 8`` would read the script's --nproc as ours. cli replaces
+# that ``--`` with this token (no flag or path looks like it) before parsing.
+SEPARATOR = "\x00--"
+
+
+def mark_separator(argv: list[str]) -> list[str]:
+    """``argv`` (starting with ``run``) with its first ``--`` replaced by :data:`SEPARATOR`."""
+    if "--" not in argv:
+        return argv
+    cut = argv.index("--")
+    return [*argv[:cut], SEPARATOR, *argv[cut + 1:]]
+
+
 def split_args(args: list[str]) -> tuple[dict[str, object], list[str]]:
     """dptrain run's flags found among the script's arguments (before a ``--``) -> (their
     values, the script's arguments)."""
     from dptrain.cli import Parser, add_config_flags
 
-    cut = args.index("--") if "--" in args else len(args)
+    sep = SEPARATOR if SEPARATOR in args else "--"
+    cut = args.index(sep) if sep in args else len(args)
     head, tail = args[:cut], args[cut + 1:]
     parser = Parser(prog="dptrain run", allow_abbrev=False, add_help=False)
     add_config_flags(parser, only=RUN_FLAGS)
@@ -93,9 +108,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dptrain.plan import make_plan
 
     given = {name: getattr(args, name) for name in RUN_FLAGS if hasattr(args, name)}
-    after, script_args = split_args(list(args.args))
+    script, rest = args.script, list(args.args)
+    if script == SEPARATOR:  # `dptrain run [FLAGS] -- SCRIPT ARGS`: all of ARGS is the script's
+        if not rest:
+            raise UsageError("no SCRIPT after --; usage: dptrain run [FLAGS] SCRIPT [ARGS]")
+        script, rest = rest[0], [SEPARATOR, *rest[1:]]
+    after, script_args = split_args(rest)
     given.update(after)
-    script = args.script
     if not os.path.isfile(script):
         raise UsageError(f"script {script} does not exist (or is not a file); check the path")
     cfg = TrainConfig(**coerce(given, source="dptrain run")).validate()
