@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,10 @@ class OutDirLock:
     def __init__(self, out: Path) -> None:
         import fcntl
 
+        self.out = out
+        # the directories this lock creates: removed again by release() if the run wrote
+        # nothing (it failed its checks), so that a refused run leaves no empty --out behind
+        self.created = [d for d in (out, *out.parents) if not d.exists()]
         try:
             out.mkdir(parents=True, exist_ok=True)
             self.fh = (out / ".dptrain.lock").open("a+")
@@ -86,3 +91,10 @@ class OutDirLock:
 
     def release(self) -> None:
         self.fh.close()
+        lock = self.out / ".dptrain.lock"
+        with contextlib.suppress(OSError):
+            if [p.name for p in self.out.iterdir()] != [lock.name]:
+                return  # the run wrote its outputs (or the directory held files before)
+            lock.unlink()
+            for d in self.created:  # innermost first; stops at the first one not empty
+                d.rmdir()
