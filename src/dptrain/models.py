@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,13 +145,47 @@ def load_factory(spec: str, what: str) -> Callable[..., object]:
         raise UsageError(f"--{what} {spec!r}: expected package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise UsageError(f"--{what} {spec!r}: cannot import {module_name} ({exc}); "
                          "is it on PYTHONPATH?") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise UsageError(f"--{what} {spec!r}: importing {module_name} failed: "
+                         f"{describe_failure(exc)}; fix it there") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--{what} {spec!r}: {module_name} has no callable {attr!r}")
     return factory
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception raised in a user's plug-in: type, message and where (the
+    innermost frame outside dptrain and torch, else the innermost), for an ``error:`` line."""
+    import traceback
+
+    message = (str(exc).strip().splitlines() or [""])[0][:240]
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    theirs = [f for f in frames if not f.filename.startswith(ours)]
+    if theirs:  # none: it failed in the call itself (e.g. the wrong number of arguments)
+        f = theirs[-1]
+        text += f" ({f.filename}, line {f.lineno}, in {f.name})"
+    return text
+
+
+def call_plugin(spec: str, what: str, fn: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for the plug-in ``--what spec``: what it raises becomes one
+    :class:`UsageError` line that says where, instead of a traceback through dptrain."""
+    try:
+        return fn(*args, **kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything the user's code raises
+        raise UsageError(f"--{what} {spec!r} raised {describe_failure(exc)}; fix it "
+                         "there") from None
 
 
 def parse_model_args(text: str) -> dict[str, object]:
@@ -207,7 +243,7 @@ def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
     if ":" in name:
         factory = load_factory(name, "model")
         _check_kwargs(name, factory, kwargs)
-        model = factory(**kwargs)
+        model = call_plugin(name, "model", factory, **kwargs)
         if not isinstance(model, nn.Module):
             raise UsageError(f"--model {name!r}: the factory returned {type(model).__name__}, "
                              "not an nn.Module")

@@ -141,6 +141,8 @@ class Objective:
         if o.loss is None and self.custom is None and targets is None:
             raise UsageError("the data has no targets and the model returned no 'loss'; give "
                              "the dataset labels, or return {'loss': ...} from the model")
+        if self.custom is not None:
+            self._check_custom_loss(out, targets)
         if o.predictions is None:
             return
         pred = o.predictions
@@ -160,6 +162,18 @@ class Objective:
                                  f"targets {tuple(targets.shape)}; they need the same number "
                                  "of values per sample")
             self.width = _flat(targets).shape[1] if targets.dim() > 1 else 1
+
+    def _check_custom_loss(self, out: Any, targets: torch.Tensor | None) -> None:
+        """The custom loss called once on the dry-run batch: it runs, and gives a scalar."""
+        from dptrain.models import call_plugin
+
+        value = call_plugin(self.loss_name, "loss", self.custom, out, targets)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1
+                and value.is_floating_point()):
+            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                   if isinstance(value, torch.Tensor) else type(value).__name__)
+            raise UsageError(f"--loss {self.loss_name!r} returned {got}; it must return the "
+                             "batch's loss as one float tensor (e.g. the mean over samples)")
 
     def check_labels(self, targets: list[torch.Tensor], split: str = "") -> None:
         """Class labels within [0, classes) (after :meth:`check_output` set the classes)."""

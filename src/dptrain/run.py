@@ -71,6 +71,21 @@ def train(plan: Plan, env: dist.DistEnv | None = None, *, started_at: float | No
         strategy.teardown()
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """In this process, on the CPU, without a process group: the model builds, the data
+    loads, one small batch goes through the model and its output fits the targets (and the
+    loss). Bad input raises :class:`UsageError`; nothing is written. For commands whose
+    workers would otherwise each fail on it in turn (``dptrain bench``)."""
+    from dptrain.strategies.single import SingleDevice
+
+    cfg = cfg.replace(device="cpu", strategy="single", out="", quiet=True)
+    run = Run(cfg, SingleDevice(dist.DistEnv(), torch.device("cpu")), started_at=time.time(),
+              restart=0, resume="")
+    model = run.build_model()
+    run.strategy.check_model(model)
+    run.load_data(model)
+
+
 def _claim(out: Path, resume: str, lock: list[OutDirLock],
            opened: dict[str, dict[str, Any]]) -> None:
     """On the main rank: open ``--resume PATH`` (before ``--out`` is created; kept in

@@ -249,3 +249,20 @@ def test_every_configuration_failing_exits_non_zero(tmp_path: Path,
     assert "bench: no configuration ran (1 failed, 0 skipped or not run)" in err
     results = json.loads((out / "results.json").read_text())
     assert results["configurations"][0]["status"] == "failed" and results["roofline"] is None
+
+
+def test_refused_input_leaves_no_out_directory(tmp_path, capsys):
+    """A plug-in that fails, or one that does not fit the data, is refused before a bench
+    (or a training run) creates anything: no empty --out is left behind."""
+    from dptrain import cli
+
+    for argv in (["bench", "--quick", "--dataset", "synthetic", "--model",
+                  "taskplugins:raising_model"],
+                 ["bench", "--quick", "--dataset", "taskplugins:class_data", "--model",
+                  "taskplugins:wrong_width_model"],
+                 ["train", "--dataset", "taskplugins:class_data", "--model",
+                  "taskplugins:raising_model", "--quiet"]):
+        out = tmp_path / "new" / "out"
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith("error: --model")
+        assert not (tmp_path / "new").exists()

@@ -69,12 +69,17 @@ def test_rotated() -> None:
 
 def test_sizes() -> None:
     assert parse_size("4K") == 4096 and parse_size("64MiB") == 64 * 2**20
-    assert parse_size("1000") == 1000 and parse_size("5") == 8  # whole float32 elements
-    assert parse_sizes("1M,4K,4k") == [4096, 2**20]
+    assert parse_size("1000") == 1000 and parse_size("1.5K") == 1536
+    assert parse_sizes("1M,4K,64") == [64, 4096, 2**20]
+    assert parse_size("4G") == 4 * 2**30  # the largest
     assert fmt_bytes(4096) == "4 KiB" and fmt_bytes(1536) == "1.5 KiB"
     assert fmt_bytes(64 * 2**20) == "64 MiB" and fmt_bytes(10) == "10 B"
-    for bad in ("4X", "", "2", "K"):
-        with pytest.raises(UsageError, match="--sizes"):
+    for bad, needle in (("4X", "cannot read"), ("", "is empty"), ("2", "below one float32"),
+                        ("K", "cannot read"), ("5", "not a whole number of float32s"),
+                        ("0.3K", "307.2 bytes"), ("4K,,1M", "empty item"), ("1M,", "empty item"),
+                        ("4K,4k", "more than once"), ("4K,4096", "more than once"),
+                        ("4.5G", "over 4 GiB")):
+        with pytest.raises(UsageError, match=needle):
             parse_sizes(bad)
 
 
@@ -84,8 +89,14 @@ def test_options_defaults_quick_and_overrides() -> None:
     assert o["strategies"] == ["single", "dp", "ddp", "zero", "fsdp"] and o["nprocs"] == [1, 2]
     assert o["model"] == "convnet" and o["batch_size"] == 64 and o["data_root"] == "/d"
     assert max(o["sizes"]) < max(command.options(parse())["sizes"])  # smaller sweep
-    full = command.options(parse("--nproc", "2,1,2", "--strategies", "ddp,ddp"))
-    assert full["nprocs"] == [1, 2] and full["strategies"] == ["ddp"]
+    full = command.options(parse("--nproc", "2,1", "--strategies", "ddp, zero"))
+    assert full["nprocs"] == [1, 2] and full["strategies"] == ["ddp", "zero"]
+    for flag, bad, needle in (("--nproc", "2,1,2", "names 2 more than once"),
+                              ("--nproc", "1,", "empty item"),
+                              ("--strategies", "ddp,ddp", "names ddp more than once"),
+                              ("--strategies", ",", "is empty")):
+        with pytest.raises(UsageError, match=needle):
+            command.options(parse(flag, bad))
     assert full["repeats"] == 3 and full["what"] == "run"
     assert parse("comm").what == "comm"
 

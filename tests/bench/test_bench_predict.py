@@ -142,7 +142,7 @@ def test_target_profiles_and_parsing() -> None:
     assert P.parse_target("a100:tf32") == ("a100", "tf32")
     assert P.parse_target("cpu-this:bf16") == ("cpu-this", "bf16")  # peak measured later
     for bad, needle in (("b200", "unknown target"), ("h100:int4", "unknown precision"),
-                        ("v100:bf16", "has no bf16")):
+                        ("v100:bf16", "has no bf16"), ("h100:", "no precision after")):
         with pytest.raises(ValueError, match=needle):
             P.parse_target(bad)
 

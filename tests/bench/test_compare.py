@@ -45,7 +45,9 @@ def test_no_answer_without_both_rows_reaching_the_target():
 def test_unknown_strategies_and_one_process_are_refused():
     with pytest.raises(UsageError, match="--compare 'ddp,dp'"):
         parse("ddp,dp")
-    assert parse("ddp, localsgd,ddp") == ["ddp", "localsgd"]
+    assert parse("ddp, localsgd") == ["ddp", "localsgd"]
+    with pytest.raises(UsageError, match="names ddp more than once"):
+        parse("ddp, localsgd,ddp")
     assert cli.main(["bench", "--compare", "ddp", "--nproc", "1"]) == 2
 
 

@@ -213,3 +213,22 @@ def frozen_model() -> nn.Module:
 
 def wrong_width_model() -> nn.Module:
     return nn.Linear(5, 3)  # the data has 8 features
+
+
+def raising_model() -> nn.Module:
+    """A model factory with a bug of its own (dptrain reports where, in one line)."""
+    raise ValueError("hidden size must be even")
+
+
+def raising_data():
+    raise RuntimeError("the data files are not where this factory looks")
+
+
+def one_argument_loss(outputs: torch.Tensor) -> torch.Tensor:
+    """A loss with the wrong signature: dptrain calls loss(outputs, targets)."""
+    return outputs.mean()
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Not reduced: one value per sample, not the batch's scalar loss."""
+    return ((outputs.reshape(targets.shape) - targets) ** 2)

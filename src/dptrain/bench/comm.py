@@ -27,29 +27,42 @@ from dptrain.errors import UsageError
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 QUICK_SIZES = "4K,32K,256K,1M,4M"
+MAX_SIZE = 4 * 1024**3  # bytes; nccl-tests' own sweeps stop well below (each rank holds two)
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
           "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 
 
 def parse_size(text: str) -> int:
-    """``"4K"``, ``"64MiB"``, ``"1024"`` -> bytes (binary units), rounded up to whole floats."""
+    """``"4K"``, ``"64MiB"``, ``"1024"`` -> bytes (binary units): a whole number of float32s,
+    at most :data:`MAX_SIZE`."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
         raise UsageError(f"--sizes: cannot read {text!r} as a message size; use e.g. "
                          "4K,64K,1M,64M (K/M/G = KiB/MiB/GiB)")
-    nbytes = int(float(m.group(1)) * _UNITS[unit])
+    exact = float(m.group(1)) * _UNITS[unit]
+    nbytes = int(exact)
     if nbytes < 4:
         raise UsageError(f"--sizes: {text!r} is below one float32 (4 bytes); use 4 or more")
-    return -(-nbytes // 4) * 4
+    if nbytes != exact or nbytes % 4:
+        raise UsageError(f"--sizes: {text!r} is {exact:g} bytes, not a whole number of "
+                         f"float32s (4 bytes each); use e.g. {max(4, nbytes // 4 * 4)}")
+    if nbytes > MAX_SIZE:
+        raise UsageError(f"--sizes: {text!r} is over {fmt_bytes(MAX_SIZE)}, the largest "
+                         "message the sweep measures (each process holds it, plus a copy)")
+    return nbytes
 
 
 def parse_sizes(text: str) -> list[int]:
     """A comma-separated list of sizes -> sorted, distinct byte counts."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        raise UsageError("--sizes is empty; give message sizes like 4K,64K,1M")
-    return sorted({parse_size(p) for p in parts})
+    from dptrain.errors import comma_list
+
+    parts = comma_list("--sizes", text, "4K,64K,1M")
+    sizes = [parse_size(p) for p in parts]
+    if len(set(sizes)) < len(sizes):
+        raise UsageError(f"--sizes {text!r} gives one size more than once (e.g. 4K and 4096); "
+                         "give each once")
+    return sorted(sizes)
 
 
 def fmt_bytes(nbytes: float) -> str:

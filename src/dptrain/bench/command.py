@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dptrain.config import default_data_root
-from dptrain.errors import UsageError
+from dptrain.errors import UsageError, comma_list
 
 if TYPE_CHECKING:
     from dptrain.bench.plan import Config
@@ -228,12 +228,12 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
 def _strategies(text: str) -> list[str]:
     from dptrain.bench.plan import STRATEGIES
 
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = comma_list("--strategies", text, "single,ddp")
     bad = [s for s in names if s not in STRATEGIES]
-    if bad or not names:
+    if bad:
         raise UsageError(f"--strategies {text!r}: use a comma-separated list of "
                          f"{', '.join(STRATEGIES)}")
-    return list(dict.fromkeys(names))
+    return names
 
 
 def nproc_limit(device: str) -> tuple[int, str]:
@@ -255,7 +255,7 @@ def _nprocs(text: str, device: str) -> list[int]:
     from dptrain.bench import usable_cores
 
     out: list[int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in comma_list("--nproc", text, "1,2"):
         if part == "auto":
             import torch
 
@@ -269,8 +269,6 @@ def _nprocs(text: str, device: str) -> list[int]:
         if n < 1:
             raise UsageError(f"--nproc {text!r}: use positive integers (or auto), e.g. 1,2,4")
         out.append(n)
-    if not out:
-        raise UsageError("--nproc is empty; give process counts like 1,2")
     limit, what = nproc_limit(device)
     if max(out) > limit:
         raise UsageError(f"--nproc {text!r}: at most {limit} processes here ({what}); "
@@ -302,16 +300,25 @@ def failure_summary(report: str) -> str:
 
 
 def _check_out(out: Path) -> None:
+    """A bench writes into a new or empty directory only: its report and plots have common
+    names (report.md, *.png) that must not replace a user's files or an earlier bench's."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if not out.exists():
+        return
     if (out / "results.json").exists():
         raise UsageError(f"--out {out} already holds a bench result (results.json); choose "
                          "another --out or remove it")
     from dptrain.rundir import holds_run
 
-    if out.is_dir() and holds_run(out):
+    if holds_run(out):
         raise UsageError(f"--out {out} holds a training run ({', '.join(holds_run(out))}); "
                          "choose another --out for the bench")
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise UsageError(f"--out {out} is not empty ({shown}); a bench writes into a new or "
+                         "empty directory: choose another --out")
 
 
 def _sweeps(o: dict[str, Any], ns: list[int]) -> tuple[list[dict[str, Any]], list[dict]]:
@@ -348,6 +355,8 @@ def run_comm(o: dict[str, Any], out: str | None) -> int:
     if not ns:
         raise UsageError("dptrain bench comm needs --nproc N with N >= 2 (an all-reduce among "
                          "one process measures nothing)")
+    if out:
+        _check_out(Path(out))
     sweeps, skipped = _sweeps(o, ns)
     print("\n".join(sweep_table(sweeps)))
     if out:
@@ -410,7 +419,7 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
         raise UsageError(str(exc)) from None
     if target is not None:
         print(f"stated links predicted with {target['source']}", flush=True)
-    _fetch_once(o)
+    _prepare_inputs(o)
     out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if on_gpu else 0
     configs = plan_configs(o["strategies"], o["nprocs"], model=o["model"],
@@ -493,14 +502,22 @@ def run_bench(o: dict[str, Any], out: Path) -> int:
     return 0
 
 
-def _fetch_once(o: dict[str, Any]) -> None:
-    """Fetch MNIST-like data once here, not concurrently in every worker."""
+def _prepare_inputs(o: dict[str, Any]) -> None:
+    """Fetch MNIST-like data once here, not concurrently in every worker; a plug-in model or
+    dataset is checked here once (it builds, loads, and one batch fits), so that bad input
+    is one ``error:`` line before anything is written, not a failure in every worker."""
     from dptrain.data.datasets import RAW_DIRS
 
     if o["dataset"] in RAW_DIRS:
         from dptrain.data.fetch import ensure_dataset
 
         ensure_dataset(o["dataset"], Path(o["data_root"]), log=print)
+    if ":" in o["model"] or ":" in o["dataset"]:
+        from dptrain.config import TrainConfig
+        from dptrain.run import check_inputs
+
+        check_inputs(TrainConfig(model=o["model"], dataset=o["dataset"],
+                                 data_root=o["data_root"], batch_size=o["batch_size"]))
 
 
 def _finite(value: Any) -> Any:

@@ -30,16 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dptrain.errors import UsageError
+from dptrain.errors import UsageError, comma_list
 
 COMPARABLE = ("ddp", "zero", "fsdp", "localsgd", "hogwild")
 SYNC_EVERY_DEFAULT = 8
 
 
 def parse(text: str) -> list[str]:
-    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    names = comma_list("--compare", text, "ddp,localsgd")
     bad = [s for s in names if s not in COMPARABLE]
-    if bad or not names:
+    if bad:
         raise UsageError(f"--compare {text!r}: use a comma-separated list of "
                          f"{', '.join(COMPARABLE)}")
     return names
@@ -149,11 +149,11 @@ def relaxed_sync(rows: dict[str, dict[str, Any]], *, param_bytes: int, n: int,
 def run_compare(o: dict[str, Any], out: Path) -> int:
     """Run every strategy ``repeats`` times to the target; write compare.json/compare.md."""
     from dptrain.bench import machine_info
-    from dptrain.bench.command import _check_out, _fetch_once
+    from dptrain.bench.command import _check_out, _prepare_inputs
     from dptrain.models import build_model
 
     _check_out(out)
-    _fetch_once(o)
+    _prepare_inputs(o)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(o["model"])
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -339,7 +339,10 @@ TARGETS: dict[str, DeviceProfile] = {
 
 def parse_target(text: str) -> tuple[str, str | None]:
     """``NAME`` or ``NAME:PRECISION`` -> (name, precision or None); raises ValueError."""
-    name, _, precision = text.strip().lower().partition(":")
+    name, colon, precision = text.strip().lower().partition(":")
+    if colon and not precision:
+        raise ValueError(f"no precision after ':' in {text!r}: give NAME or NAME:PRECISION "
+                         f"({', '.join(PRECISIONS)})")
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}: use one of {', '.join(TARGETS)}")
     if precision and precision not in PRECISIONS:

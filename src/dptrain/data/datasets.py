@@ -176,9 +176,9 @@ def plugin_dataset(spec: str) -> Splits:
     batch like MNIST; everything else is used as given, targets keep their dtype.
     """
     from dptrain.data import batch as B
-    from dptrain.models import load_factory
+    from dptrain.models import call_plugin, load_factory
 
-    result = load_factory(spec, "dataset")()
+    result = call_plugin(spec, "dataset", load_factory(spec, "dataset"))
     if isinstance(result, dict):
         keys = ("train_x", "train_y", "test_x", "test_y")
         if not all(k in result for k in keys):
