@@ -266,3 +266,18 @@ def test_parser_registration():
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["plot"])  # at least one RUN_DIR
     assert exit_.value.code == 2
+
+
+def test_out_without_suffix_is_a_png_named_as_written_and_non_images_are_refused(tmp_path,
+                                                                                 capsys):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "r", training_records())
+    assert plot.cmd_plot(namespace(run, out=tmp_path / "afile")) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'afile.png'}"
+    assert png_size(tmp_path / "afile.png") == (1320, 504) and not (tmp_path / "afile").exists()
+    summary = run / "summary.json"
+    summary.write_text("{}\n")
+    for target in (summary, tmp_path / "new" / "x.pt"):  # a run's file given by mistake
+        with pytest.raises(UsageError, match="is not an image format"):
+            plot.cmd_plot(namespace(run, out=target))
+    assert summary.read_text() == "{}\n" and not (tmp_path / "new").exists()

@@ -354,11 +354,15 @@ def draw(runs: list[RunCurves], metrics: list[str], out: Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name such as {out}/curves.png")
+    if not out.suffix:  # as savefig does (it appends the default format): say the real name
+        out = out.with_name(out.name + ".png")
+    kinds = fig.canvas.get_supported_filetypes()
+    if out.suffix[1:].lower() not in kinds:
+        raise UsageError(f"--out {out}: {out.suffix} is not an image format matplotlib writes; "
+                         "use a .png, .pdf or .svg name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-    except ValueError as exc:  # unknown image format
-        raise UsageError(f"cannot write {out}: {exc}; use a .png, .pdf or .svg name") from None
     except OSError as exc:
         raise UsageError(
             f"cannot write {out} ({exc.strerror or exc}); choose another --out"
