@@ -164,3 +164,12 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
     piped = run_cli(*args[3:], "--out", str(tmp_path / "pipe"))
     assert piped.returncode == 0
     assert "\r" not in piped.stdout and "epoch 0 step 10/93 loss" in piped.stdout
+
+
+def test_fit_errors_name_the_callers_objects_not_internal_specs(tmp_path):
+    with pytest.raises(UsageError) as err:
+        dptrain.fit(torch.nn.Linear(5, 3), dataset="synthetic", max_steps=2, quiet=True,
+                    out=str(tmp_path / "r"))
+    message = str(err.value)
+    assert message.startswith("model (an nn.Module instance (Linear)) cannot take the batches")
+    assert "_objects" not in message

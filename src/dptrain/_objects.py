@@ -59,6 +59,17 @@ def spec(name: str) -> str:
     return f"{MODULE}:{name}"
 
 
+def readable(message: str, described: dict[str, str]) -> str:
+    """An error message with each registered object's ``--what dptrain._objects:name`` (or
+    its spec alone) replaced by what the caller passed, e.g. ``model (an nn.Module instance
+    (Linear))``."""
+    for name, desc in described.items():
+        what, full = name.split("_")[0], spec(name)
+        for form in (f"--{what} {full!r}", f"--{what} {full}", repr(full), full):
+            message = message.replace(form, f"{what} ({desc})")
+    return message
+
+
 def is_object_spec(value: str) -> bool:
     """Does ``value`` name an object of this registry (not replayable from a file)?"""
     module, _, name = value.partition(":")

@@ -352,11 +352,6 @@ def fit(model: Any = "linear", dataset: Any = "mnist", **options: Any) -> FitRes
         UsageError: for invalid settings, objects that cannot reach the workers, or a start
             that cannot work (the CLI turns it into ``error: ...``).
     """
-    from dptrain import dist
-    from dptrain.cli import run_training
-    from dptrain.config import TrainConfig, coerce
-    from dptrain.plan import make_plan
-
     started_at = time.time()
     objects: dict[str, Any] = {}
     described: dict[str, str] = {}
@@ -367,6 +362,19 @@ def fit(model: Any = "linear", dataset: Any = "mnist", **options: Any) -> FitRes
         values["loss"] = _spec(values["loss"], "loss", objects, described)
     notes = [f"{key.split('_')[0]} is {desc}, a Python object that only exists in the calling "
              "process" for key, desc in described.items()]
+    try:
+        return _fit(values, model, objects, described, notes, started_at)
+    except UsageError as exc:  # name the caller's objects, not their internal specs
+        raise UsageError(_objects.readable(str(exc), described)) from None
+
+
+def _fit(values: dict[str, Any], model: Any, objects: dict[str, Any],
+         described: dict[str, str], notes: list[str], started_at: float) -> FitResult:
+    from dptrain import dist
+    from dptrain.cli import run_training
+    from dptrain.config import TrainConfig, coerce
+    from dptrain.plan import make_plan
+
     cfg = TrainConfig(**coerce(values, source="dptrain.fit")).validate()
     env = dist.detect()
     plan = make_plan(cfg, env)
