@@ -271,6 +271,11 @@ def test_data_presence(tmp_path):
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
     c = doctor.check_data(env)
     assert c.status == "ok" and len(c.facts["present"]) == 4
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    c = doctor.check_data({"DPTRAIN_DATA": str(afile)})
+    assert c.status == "fail" and "($DPTRAIN_DATA) is not a directory" in c.detail
+    assert "fetch" not in c.advice and "point DPTRAIN_DATA" in c.advice
 
 
 def test_slurm_detection(monkeypatch):

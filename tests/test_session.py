@@ -84,6 +84,9 @@ def test_accumulation_equals_the_larger_batch_and_resume_is_exact(tmp_path):
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
     assert state["position"] == {"step": 25, "epoch": 1, "step_in_epoch": 5}
     assert sorted(state["model"]) == ["1.bias", "1.weight"]  # unwrapped, as dptrain train
+    with pytest.raises(UsageError, match=r"written by a dptrain.Session script with its own "
+                       r"model \(Sequential\).*load_state_dict"):
+        dptrain.load_model(tmp_path / "r" / "checkpoints" / "last.pt")
 
 
 def test_evaluate_counts_every_sample_once_and_logs(tmp_path):

@@ -676,6 +676,12 @@ def check_data(env: Mapping[str, str] | None = None) -> Check:
     present = [s for s in MNIST_STEMS if s in files]
     facts = {"root": str(root), "raw_dir": str(raw), "present": present}
     fetch = f"dptrain data fetch mnist --root {root}"
+    if root.exists() and not root.is_dir():
+        source = "$DPTRAIN_DATA" if (env if env is not None else os.environ).get(
+            "DPTRAIN_DATA") else "the default data root"
+        return Check("data", "fail", f"the data root {root} ({source}) is not a directory",
+                     "point DPTRAIN_DATA (or --data-root) at a directory; `dptrain train` "
+                     "refuses this one", facts)
     if len(present) == len(MNIST_STEMS):
         return Check("data", "ok", f"MNIST IDX files present in {raw}", facts=facts)
     if present:

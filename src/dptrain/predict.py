@@ -89,6 +89,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Inferenc
     from dptrain.models import build_model
 
     state, cfg = _open(path)
+    if cfg.dataset == "session":  # dptrain.Session: the script's own model class and data
+        raise UsageError(f"checkpoint {path} was written by a dptrain.Session script with its "
+                         f"own model ({cfg.model}), which dptrain cannot build; build it in "
+                         "your code and load the weights: model.load_state_dict(torch.load("
+                         "PATH, weights_only=True)['model'])")
     model = build_model(cfg.model, cfg.model_args)
     try:
         model.load_state_dict(state["model"])
