@@ -69,6 +69,27 @@ def test_corrupt_newest_falls_back_to_previous_with_warning(tmp_path: Path):
     assert len(warnings) == 1 and "corrupt or truncated" in warnings[0]
 
 
+def test_a_zeroed_byte_inside_a_tensor_is_caught_by_the_crc_and_skipped(tmp_path: Path):
+    """torch.load does not check the zip's CRCs: without our check, damaged bytes inside a
+    tensor would load as different weights and resume silently."""
+    ck = Checkpointer(tmp_path, is_main=True, keep=3)
+    ck.save(state(1), 1)
+    big = state(2)
+    big["model"]["w"] = torch.full((4096,), 2.0)
+    ck.save(big, 2)
+    newest = tmp_path / "step-00000002.pt"
+    data = bytearray(newest.read_bytes())
+    at = data.index(torch.full((8,), 2.0).numpy().tobytes())  # inside the tensor's bytes
+    data[at:at + 200] = bytes(200)
+    newest.write_bytes(bytes(data))  # last.pt is the same file (a hard link)
+    with pytest.raises(UsageError, match=r"is corrupt \(CRC mismatch in .*/data/"):
+        load(newest)
+    warnings: list[str] = []
+    path, st = ck.latest_good(warn=warnings.append)
+    assert path.name == "step-00000001.pt" and st["model"]["w"][0] == 1
+    assert len(warnings) == 1 and "CRC mismatch" in warnings[0]
+
+
 def test_random_bytes_and_foreign_files_are_usage_errors(tmp_path: Path):
     p = tmp_path / "x.pt"
     p.write_bytes(os.urandom(4096))

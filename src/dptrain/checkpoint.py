@@ -126,6 +126,10 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise UsageError(f"checkpoint {path} is corrupt or truncated (not a torch.save zip "
                          "archive); resume from an earlier checkpoint or start a fresh run")
+    bad = _bad_member(path)
+    if bad:
+        raise UsageError(f"checkpoint {path} is corrupt ({bad}); resume from an earlier "
+                         "checkpoint or start a fresh run")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -149,6 +153,18 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} is incomplete or inconsistent ({problem}); resume "
                          "from an earlier checkpoint or start a fresh run")
     return state
+
+
+def _bad_member(path: Path) -> str | None:
+    """What fails the zip archive's CRC-32 check (``None``: every member intact). torch.load
+    does not check them, so a flipped or zeroed byte inside a tensor would load as a silently
+    different weight; reading the file once more costs about as much as loading it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if bad is None else f"CRC mismatch in {bad}"
 
 
 REQUIRED = ("model", "optimizer", "position", "rng", "world_size")
