@@ -166,3 +166,13 @@ def test_another_optimizer_is_refused_by_name():
     saved = {**state(1), "config": TrainConfig(optimizer="adam").to_dict()}
     with pytest.raises(UsageError, match="optimizer='adam'"):
         checkpoint.check_compatible(saved, TrainConfig(optimizer="sgd"), "p", 1)
+
+
+def test_global_batch_settings_keep_the_batch_a_multiple_of_the_micro_batches():
+    from dptrain.checkpoint import global_batch_settings
+
+    assert global_batch_settings(32, 1, 12) == (16, 2)  # 16 is closer to 12 than 8 or 32
+    assert global_batch_settings(32, 1, 12, multiple=4) == (16, 2)
+    assert global_batch_settings(32, 1, 12, multiple=32) == (32, 1)
+    assert global_batch_settings(32, 1, 12, multiple=6) is None
+    assert global_batch_settings(48, 2, 12, multiple=6) == (12, 2)

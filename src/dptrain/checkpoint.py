@@ -242,19 +242,21 @@ def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:
     return saved["batch_size"], state["world_size"], saved["accum"]
 
 
-def global_batch_settings(samples_per_step: int, world_size: int, batch_size: int
-                          ) -> tuple[int, int] | None:
+def global_batch_settings(samples_per_step: int, world_size: int, batch_size: int,
+                          multiple: int = 1) -> tuple[int, int] | None:
     """(batch per process, accum) that keep ``samples_per_step`` with ``world_size``
-    processes, the batch closest to ``batch_size`` (then the least accumulation)."""
+    processes, the batch closest to ``batch_size`` (then the least accumulation); the batch
+    a multiple of ``multiple`` (a pipeline's micro-batches)."""
     options = [(samples_per_step // (world_size * a), a) for a in range(1, samples_per_step + 1)
-               if samples_per_step % (world_size * a) == 0]
+               if samples_per_step % (world_size * a) == 0
+               and (samples_per_step // (world_size * a)) % multiple == 0]
     if not options:
         return None
     return min(options, key=lambda o: (abs(o[0] - batch_size), o[1]))
 
 
-def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int
-                     ) -> None:
+def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int,
+                     multiple: int = 1) -> None:
     """Resuming under other settings would silently be a different run: refuse. Another number
     of processes is fine when the global batch (batch x processes x accum) is kept: the data
     order continues at the same sample and every step is the same step."""
@@ -273,7 +275,7 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_s
     here = cfg.batch_size * world_size * cfg.accum
     if b * w * a == here:
         return
-    keep = global_batch_settings(b * w * a, world_size, b)
+    keep = global_batch_settings(b * w * a, world_size, b, multiple)
     how = (f"--batch-size {keep[0]} --accum {keep[1]} keeps it with {world_size} processes, "
            "or pass --keep-global-batch" if keep else
            f"no batch/accum keeps it with {world_size} processes: use a world size that "
@@ -283,18 +285,21 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_s
                      f"(batch {cfg.batch_size} x {world_size} x accum {cfg.accum}): {how}")
 
 
-def keep_global_batch(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int
-                      ) -> TrainConfig:
-    """``--keep-global-batch``: this run's batch/accum chosen to keep the checkpoint's."""
+def keep_global_batch(state: dict[str, Any], cfg: TrainConfig, path: str, world_size: int,
+                      multiple: int = 1) -> TrainConfig:
+    """``--keep-global-batch``: this run's batch/accum chosen to keep the checkpoint's (each
+    process's batch a multiple of ``multiple``)."""
     written = saved_global_batch(state)
     if written is None:
         return cfg
     b, w, a = written
-    keep = global_batch_settings(b * w * a, world_size, b)
+    keep = global_batch_settings(b * w * a, world_size, b, multiple)
     if keep is None:
+        cut = (f" into batches that --microbatches {multiple} divides" if multiple > 1
+               else " evenly")
         raise UsageError(f"checkpoint {path} was written with a global batch of {b * w * a}, "
-                         f"which {world_size} processes cannot split evenly; use a world size "
-                         f"that divides {b * w * a}")
+                         f"which {world_size} data-parallel replica(s) cannot split{cut}; use a "
+                         f"world size (or --microbatches) that fits {b * w * a}")
     return cfg.replace(batch_size=keep[0], accum=keep[1])
 
 

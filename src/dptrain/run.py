@@ -125,7 +125,7 @@ class Run:
         found = self.find_checkpoint()
         if found and cfg.keep_global_batch:
             cfg = self.cfg = ck.keep_global_batch(found[1], cfg, found[0],
-                                                  strategy.data_world)
+                                                  strategy.data_world, strategy.batch_multiple)
         loader = strategy.attach_loader(self.build_loader(splits))
         self.splits, self.loader = splits, loader
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
@@ -306,7 +306,8 @@ class Run:
         if found is None:
             return
         path, state = found
-        ck.check_compatible(state, self.cfg, path, self.strategy.data_world)
+        ck.check_compatible(state, self.cfg, path, self.strategy.data_world,
+                            self.strategy.batch_multiple)
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
 

@@ -189,3 +189,26 @@ def test_channels_last_is_refused_up_front(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --strategy pipeline sends")
     assert "'1.0.weight' is not contiguous" in lines[0]
     assert [p.name for p in out.rglob("*")] in ([], [".dptrain.lock"])  # nothing written
+
+
+def test_keep_global_batch_picks_a_batch_the_micro_batches_divide(tmp_path, capfd):
+    """A ddp checkpoint at global batch 32 resumed by a 2-stage pipeline (one replica): batch
+    16 x accum 2 fits --microbatches 4; --microbatches 6 divides no batch that keeps 32, which
+    is one error line before the run changes (it was a gloo abort: uneven micro-batches)."""
+    out = tmp_path / "r"
+    assert cli.main(["train", *COMMON, "--strategy", "ddp", "--nproc", "2", "--batch-size",
+                     "16", "--max-steps", "5", "--ckpt-every", "5", "--out", str(out)]) == 0
+    config = (out / "config.toml").read_bytes()
+    resume = ["train", *COMMON, "--strategy", "pipeline", "--nproc", "2", "--batch-size", "12",
+              "--pipeline-schedule", "gpipe", "--max-steps", "10", "--resume", "auto",
+              "--keep-global-batch", "--out", str(out)]
+    capfd.readouterr()
+    assert cli.main([*resume, "--microbatches", "6"]) == 2
+    err = capfd.readouterr().err
+    assert "cannot split into batches that --microbatches 6 divides" in err, err
+    assert "Traceback" not in err and (out / "config.toml").read_bytes() == config
+    assert cli.main([*resume, "--microbatches", "4"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["steps"], s["global_batch"]) == (10, 32)
+    assert s["resumed_from"].endswith("step-00000005.pt")
+    assert "batch_size = 16" in (out / "config.toml").read_text()

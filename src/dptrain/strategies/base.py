@@ -66,6 +66,12 @@ class Strategy:
         per optimizer step."""
         return self.world_size
 
+    @property
+    def batch_multiple(self) -> int:
+        """What every per-process batch must be a multiple of (``--keep-global-batch`` chooses
+        among those): 1 here, a pipeline's micro-batch count there."""
+        return 1
+
     def attach_loader(self, loader: Any) -> Any:
         """The training loader, before the first step (a balancing strategy resizes its
         per-rank shares); returns the loader the loop iterates."""

@@ -262,6 +262,10 @@ class PipelineParallel(DistributedDataParallel):
         self._pieces: list[torch.Tensor] = []
 
     @property
+    def batch_multiple(self) -> int:
+        return self.microbatches  # each micro-batch the same size: stages agree on p2p shapes
+
+    @property
     def data_rank(self) -> int:
         return self.rank // self.stages
 
