@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[flo
     return worst, where
 
 
+# not for the one-process run (--sync-bn: one process's BatchNorm already sees the whole batch)
 STRATEGY_ONLY = ("stages", "microbatches", "pipeline_schedule", "split_points", "sync_every",
-                 "localsgd_warmup_steps", "balance")  # not for the one-process run
+                 "localsgd_warmup_steps", "balance", "sync_bn")
 
 
 def replicas(values: dict[str, Any], nproc: int, strategy: str) -> int:
@@ -108,25 +110,48 @@ def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
     return s1, sn
 
 
+def _nproc(text: str, device: str) -> int:
+    """``--nproc N`` or ``auto`` (the GPUs, else the usable CPU cores), 1 to 64."""
+    if text == "auto":
+        from dptrain.bench import usable_cores
+
+        gpu = device != "cpu" and torch.cuda.is_available()
+        nproc = torch.cuda.device_count() if gpu else usable_cores()
+    else:
+        try:
+            nproc = int(text)
+        except ValueError:
+            raise UsageError(f"--nproc must be a positive integer or auto, got {text!r}"
+                             ) from None
+    if nproc < 1 or nproc > 64:
+        raise UsageError(f"--nproc must be between 1 and 64, got {nproc}")
+    return nproc
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from dptrain.config import FIELDS
     from dptrain.models import build_model, has_batchnorm
 
     values = {**VERIFY_DEFAULTS, **{n: getattr(args, n) for n in FIELDS if hasattr(args, n)}}
-    try:
-        nproc = int(values["nproc"])
-    except ValueError:
-        raise UsageError(f"--nproc must be a positive integer, got {values['nproc']!r}") from None
-    if nproc < 1 or nproc > 64:
-        raise UsageError(f"--nproc must be between 1 and 64, got {nproc}")
+    nproc = _nproc(str(values["nproc"]), str(values.get("device", "auto")))
+    values["nproc"] = str(nproc)
     if not 1 <= args.steps <= 100_000:
         raise UsageError(f"--steps must be between 1 and 100000, got {args.steps}")
-    if not args.tol > 0:
-        raise UsageError(f"--tol must be positive, got {args.tol}")
+    if not (math.isfinite(args.tol) and args.tol > 0):
+        raise UsageError(f"--tol must be a positive finite number, got {args.tol}")
+    if args.strategy == "localsgd":
+        values.setdefault("sync_every", 1)
+        if int(values["sync_every"]) > 1 and int(values.get("localsgd_warmup_steps", 0)) < (
+                args.steps):
+            raise UsageError(f"--strategy localsgd --sync-every {values['sync_every']} averages "
+                             "the models every few steps, which is not one-process training by "
+                             "design; verify it with --sync-every 1 (the exact case)")
     if args.keep:
         from dptrain.rundir import holds_run
 
         keep = Path(args.keep)
+        if keep.exists() and not keep.is_dir():
+            raise UsageError(f"--keep {keep} exists and is not a directory; choose a directory")
         used = [d for d in ("one", f"{args.strategy}{nproc}")
                 if (keep / d).exists() and holds_run(keep / d)]
         if used:

@@ -115,6 +115,19 @@ def test_verify_command_passes_for_two_processes():
     assert "PASS" in r.stdout and "largest parameter difference" in r.stdout
 
 
+def test_verify_sync_bn_and_localsgd_pass_in_process(capsys):
+    """verify --sync-bn: the one-process reference drops --sync-bn (its BatchNorm sees the
+    whole batch already; it was refused); localsgd: the exact H = 1 by default. 5 steps: a
+    BatchNorm convnet drifts ~1e-4 after 5 steps from float reassociation alone."""
+    from dptrain import cli
+
+    for extra, tol in ((["--model", "convnet", "--sync-bn"], "1e-4"),
+                       (["--strategy", "localsgd"], "1e-5")):
+        assert cli.main(["verify", "--nproc", "2", "--steps", "5", "--threads", "1",
+                         "--tol", tol, *extra]) == 0
+        assert "PASS" in capsys.readouterr().out
+
+
 def test_verify_fails_when_runs_differ():
     # dropout: different masks per process, by design -> the check must say FAIL (exit 1)
     r = run_cli("verify", "--nproc", "2", "--steps", "5", "--model", "cnn", "--threads", "1")
