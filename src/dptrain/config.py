@@ -148,7 +148,8 @@ class TrainConfig:
     step_size: int = _opt(1, "step schedule: epochs between decays")
     gamma: float = _opt(0.7, "step schedule: decay factor")
     warmup_steps: int = _opt(0, "linear warm-up steps")
-    grad_clip: float = _opt(0.0, "clip the gradients' global norm to this (0 = off)")
+    grad_clip: float = _opt(0.0, "clip the gradients' global norm to this (0 = off; localsgd "
+                            "clips each rank's own gradient between averages)")
     no_decay_norm_bias: bool = _opt(False, "no weight decay on biases and norm layers' "
                                     "parameters")
     lr_scaling: str = _opt("none", "scale lr with the global batch", ("none", "linear", "sqrt"))

@@ -213,6 +213,9 @@ class Run:
             raise UsageError(f"--model {self.cfg.model} has no trainable parameters; return a "
                              "model with parameters that require grad")
         self.has_bn = has_batchnorm(model)
+        if self.cfg.sync_bn and not self.has_bn:
+            self.reporter.warning(f"--sync-bn: --model {self.cfg.model} has no BatchNorm layer, "
+                                  "so there is nothing to synchronise; the flag changes nothing")
         self.memory_format, self.memory_format_why = memory_format(
             self.cfg.channels_last, self.cfg.model, model, self.device, self.strategy.name)
         return model.to(self.device, memory_format=self.memory_format)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -168,3 +169,12 @@ def test_one_process_ddp_makes_no_all_reduce():
 
     (got,) = launch.launch(one_process_ddp_worker, (), nproc=1).values()
     assert got == {"gloo_calls": 0, "sum": [2.5, 1.0], "grads_equal": True}
+
+
+def test_sync_bn_on_a_model_without_batchnorm_is_warned_about(tmp_path):
+    r = run_cli("train", "--dataset", "synthetic", "--model", "linear", "--strategy", "ddp",
+                "--nproc", "1", "--sync-bn", "--max-steps", "2", "--quiet", "--out",
+                str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr
+    assert "warning: --sync-bn: --model linear has no BatchNorm layer" in r.stdout + r.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["bn_statistics"] == "none"
