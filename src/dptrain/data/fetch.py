@@ -511,7 +511,7 @@ def _sweep_write_temporaries(raw_dir: Path, log: Log | None) -> None:
     stale = stale_temporaries(raw_dir)
     if not stale:
         return
-    with contextlib.suppress(OSError), _exclusive(raw_dir.parent / LOCK_NAME,
+    with contextlib.suppress(OSError, UsageError), _exclusive(raw_dir.parent / LOCK_NAME,
                                                   blocking=False) as held:
         if held:
             _remove(stale_temporaries(raw_dir), log)
@@ -536,7 +536,12 @@ def _exclusive(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
     except ImportError:  # Windows
         yield blocking
         return
-    with open(lock_path, "a+b") as fh:
+    try:
+        fh = open(lock_path, "a+b")  # noqa: SIM115 - closed by the with below
+    except OSError as e:  # a read-only or foreign data root: nothing can be fetched into it
+        raise UsageError(f"cannot write in {lock_path.parent}: {e.strerror or e}; choose a "
+                         f"writable data root ({ROOT_FLAGS}), or put the files there") from None
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
