@@ -98,3 +98,19 @@ def test_channels_last_spellings(tmp_path: Path):
     bad.write_text('channels_last = "maybe"\n')
     with pytest.raises(UsageError, match="--channels-last 'maybe' is not one of auto, on, off"):
         parse("--config", str(bad))
+
+
+def test_to_toml_escapes_control_characters_so_the_file_reads_back(tmp_path):
+    """A newline or control character in a path was written raw: an invalid config.toml,
+    and a traceback after the run directory was created."""
+    import tomllib
+
+    from tests.conftest import train_inproc
+
+    odd = {"out": str(tmp_path / "nl\ndir"), "data_root": "a\x01b\x7fc\t\"q\"\\"}
+    cfg = TrainConfig(dataset="synthetic", **odd)
+    back = tomllib.loads(to_toml(cfg))
+    assert {k: back[k] for k in odd} == odd
+    s = train_inproc(Path(odd["out"]), "--dataset", "synthetic", "--max-steps", "2")
+    assert s["steps"] == 2
+    assert tomllib.loads((Path(odd["out"]) / "config.toml").read_text())["out"] == odd["out"]

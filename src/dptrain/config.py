@@ -389,8 +389,13 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return '"' + "".join(_TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if ord(ch) < 0x20
+                                                  or ord(ch) == 0x7F else ch)
+                         for ch in str(value)) + '"'
+
+
+# TOML basic strings: these escaped by name, other control characters as \uXXXX
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def to_toml(cfg: TrainConfig) -> str:
