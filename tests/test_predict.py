@@ -82,3 +82,26 @@ def test_predict_never_replaces_a_file_and_refuses_bad_batch_sizes(tmp_path, tin
         r = run_cli("predict", "--ckpt", str(ckpt), "--data-root", tiny[-1],
                     "--batch-size", bad)
         assert r.returncode == 2 and "--batch-size" in r.stderr and "nan" not in r.stdout
+
+
+def test_load_model_refuses_float_pixels_and_takes_a_run_directory(tmp_path, tiny):
+    """Floats in [0, 1] (torchvision's ToTensor) would be normalised a second time: 0.89 ->
+    0.11 accuracy, silently. A run directory names its last.pt; a bad device is a UsageError."""
+    import pytest
+
+    from dptrain.errors import UsageError
+
+    out = tmp_path / "run"
+    train_inproc(out, *tiny, "--model", "linear", "--max-steps", "5")
+    model = dptrain.load_model(out)  # the run directory
+    x = synthetic().test_x[:4]
+    assert model(x).shape == (4, 10)
+    with pytest.raises(UsageError, match="takes the dataset's uint8 pixels .* got torch.float32"):
+        model(x.float() / 255)
+    for bad, needle in (("gpu", "is not a torch device"), ("cuda:0", "no CUDA device")):
+        if bad.startswith("cuda") and torch.cuda.is_available():
+            continue
+        with pytest.raises(UsageError, match=needle):
+            dptrain.load_model(out, device=bad)
+    with pytest.raises(UsageError, match="is a directory"):
+        dptrain.load_model(out / "checkpoints")

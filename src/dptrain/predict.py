@@ -44,6 +44,14 @@ class InferenceModel(nn.Module):
     def forward(self, x: Any) -> Any:
         from dptrain.data.batch import call_model
 
+        if (self.normalization.get("mean") is not None and isinstance(x, torch.Tensor)
+                and x.is_floating_point()):
+            # floats in [0, 1] (torchvision's ToTensor) or already normalised would be
+            # normalised again: a near-constant image, silently wrong predictions
+            raise UsageError(f"this model takes the dataset's uint8 pixels (0..255) and "
+                             f"normalises them itself ({self.normalization.get('input')}); got "
+                             f"{x.dtype}: pass uint8 images, or call .model(...) on inputs "
+                             "you normalised yourself")
         return call_model(self.model, self.normalize(x))
 
 
@@ -67,8 +75,13 @@ def _open(path: str | Path) -> tuple[dict[str, Any], Any]:
     from dptrain.config import TrainConfig
 
     p = Path(path)
+    if p.is_dir() and (p / "checkpoints" / "last.pt").is_file():  # a run directory
+        p = p / "checkpoints" / "last.pt"
+    if p.is_dir():
+        raise UsageError(f"checkpoint {p} is a directory (a sharded DCP checkpoint, or not a "
+                         "run directory); pass RUN_DIR or RUN_DIR/checkpoints/last.pt")
     if not p.is_file():
-        raise UsageError(f"checkpoint {p} does not exist (or is not a file); pass --ckpt "
+        raise UsageError(f"checkpoint {p} does not exist (or is not a file); pass RUN_DIR or "
                          "RUN_DIR/checkpoints/last.pt")
     state = ck.load(p)
     if not isinstance(state.get("config"), dict) or "model" not in state:
@@ -88,6 +101,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Inferenc
     must be importable), weights loaded strictly, moved to ``device``."""
     from dptrain.models import build_model
 
+    device = _device(device)
     state, cfg = _open(path)
     if cfg.dataset == "session":  # dptrain.Session: the script's own model class and data
         raise UsageError(f"checkpoint {path} was written by a dptrain.Session script with its "
@@ -105,6 +119,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Inferenc
                          f"{layout_hint(cfg.model, state['model'])}") from None
     wrapped = InferenceModel(model, normalization_of(state, state["config"]), state["config"])
     return wrapped.to(device).eval()
+
+
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"device {device!r} is not a torch device ({exc}); use cpu or "
+                         "cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: no CUDA device is visible; use cpu")
+    return dev
 
 
 class _OneProcess:
@@ -137,9 +162,7 @@ def predict(ckpt: str | Path, *, dataset: str = "", data_root: str = "",
         raise UsageError(f"--batch-size {batch_size}: must be a positive number of samples")
     if out is not None:
         _check_out(Path(out))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    dev = _device(device)
     model = load_model(ckpt, dev)
     cfg = model.config
     name = dataset or cfg.get("dataset", "mnist")
@@ -236,7 +259,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "normalisation it was trained with, and print the metrics on the test split of its "
         "dataset (or --dataset); --out FILE also writes the per-sample predictions as JSON.")
     p.add_argument("--ckpt", required=True, metavar="PATH",
-                   help="checkpoint file, e.g. RUN_DIR/checkpoints/last.pt")
+                   help="a run directory, or its checkpoint file (RUN_DIR/checkpoints/last.pt)")
     p.add_argument("--dataset", default="", metavar="DATASET",
                    help="dataset name or package.module:factory (default: the checkpoint's)")
     p.add_argument("--data-root", default="", metavar="DIR",
