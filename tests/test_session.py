@@ -100,6 +100,10 @@ def test_evaluate_counts_every_sample_once_and_logs(tmp_path):
         assert metrics["samples"] == 250
         assert metrics["accuracy"] == int((logits.argmax(1) == DATA.test_y).sum()) / 250
         s.log(1, loss=torch.tensor(0.5), lr=0.1)
+        for bad, needle in (({"loss": torch.ones(3)}, "tensor of 3 values"),
+                            ({"thing": object()}, "is a object; log numbers")):
+            with pytest.raises(UsageError, match=needle):
+                s.log(2, **bad)
     records = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["test_samples"] == 250 and records[1]["loss"] == 0.5
     assert "[session]" in (tmp_path / "e" / "config.toml").read_text()

@@ -80,6 +80,21 @@ class Resumed:
         return self.path is not None
 
 
+def _loggable(name: str, value: Any) -> Any:
+    """One value for :meth:`Session.log`: a one-element tensor as its float; numbers, strings
+    and booleans as they are; anything else a :class:`UsageError` that says what to log."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise UsageError(f"Session.log: {name} is a tensor of {value.numel()} values "
+                             f"(shape {tuple(value.shape)}); log one number, e.g. "
+                             f"{name}.mean()")
+        return float(value.detach().float().item())
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise UsageError(f"Session.log: {name} is a {type(value).__name__}; log numbers, strings "
+                     "or one-element tensors")
+
+
 class Session:
     """One process's part in a data-parallel job driven by your own loop.
 
@@ -377,8 +392,7 @@ class Session:
         """Record ``values`` at ``step`` in ``metrics.jsonl`` (and the configured loggers) and
         as one console line -- on rank 0 only. Values are this rank's: average a loss over
         the ranks first with :meth:`all_reduce` (every rank calls ``log``)."""
-        plain = {k: float(v.detach().float().item()) if isinstance(v, torch.Tensor) else v
-                 for k, v in values.items()}
+        plain = {k: _loggable(k, v) for k, v in values.items()}
         self._start()
         self.reporter.metrics(step, self._epoch(step), **plain)
         self.reporter.info(f"step {step} " + " ".join(
