@@ -176,3 +176,15 @@ def test_global_batch_settings_keep_the_batch_a_multiple_of_the_micro_batches():
     assert global_batch_settings(32, 1, 12, multiple=32) == (32, 1)
     assert global_batch_settings(32, 1, 12, multiple=6) is None
     assert global_batch_settings(48, 2, 12, multiple=6) == (12, 2)
+
+
+def test_a_resume_with_another_lr_is_recorded_not_silent(tmp_path: Path):
+    from tests.conftest import train_inproc
+
+    base = ["--dataset", "synthetic", "--model", "linear", "--ckpt-every", "2"]
+    train_inproc(tmp_path / "r", *base, "--max-steps", "2")
+    same = train_inproc(tmp_path / "r", *base, "--max-steps", "4", "--resume", "auto")
+    assert "resumed_with_changes" not in same
+    moved = train_inproc(tmp_path / "r", *base, "--max-steps", "6", "--resume", "auto",
+                         "--lr", "0.5", "--grad-clip", "1")
+    assert moved["resumed_with_changes"] == {"lr": [0.01, 0.5], "grad_clip": [0.0, 1.0]}

@@ -234,6 +234,21 @@ COMPATIBLE = ("model", "model_args", "dataset", "val_fraction", "seed", "loss", 
               "optimizer")
 
 
+# settings a resume may change (a lower lr for the rest of the run, say), but never silently:
+# the run warns and its summary records each one (config.toml describes the resumed run)
+TRAINING_SETTINGS = ("lr", "momentum", "nesterov", "weight_decay", "schedule", "step_size",
+                     "gamma", "warmup_steps", "grad_clip", "no_decay_norm_bias", "lr_scaling",
+                     "ref_batch", "precision", "label_smoothing", "augment")
+
+
+def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """The :data:`TRAINING_SETTINGS` this run sets differently from the checkpoint's run:
+    ``{name: [checkpoint's value, this run's]}``."""
+    saved = state.get("config", {})
+    return {k: [saved[k], getattr(cfg, k)] for k in TRAINING_SETTINGS
+            if k in saved and saved[k] != getattr(cfg, k)}
+
+
 def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:
     """(batch per process, processes, accum) the checkpoint was written with, if recorded."""
     saved = state.get("config", {})

@@ -116,6 +116,7 @@ class Run:
                                            is_main=strategy.is_main, keep=cfg.keep_ckpts)
         self.has_bn = False
         self.last_eval: dict[str, Any] = {}
+        self.resume_changes: dict[str, list[Any]] = {}
 
     def execute(self, stop: StopRequest) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
@@ -163,6 +164,8 @@ class Run:
         if cfg.target_accuracy:
             summary["target_accuracy"] = cfg.target_accuracy
             summary["target_reached"] = result.target_reached  # None: not reached
+        if self.resume_changes:
+            summary["resumed_with_changes"] = self.resume_changes
         summary.update(self.memory())
         summary.update(self.data_summary())
         summary.update(self.flops(summary["train_samples_per_s"]))
@@ -313,6 +316,14 @@ class Run:
                             self.strategy.batch_multiple)
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
+        self.resume_changes = ck.changed_settings(state, self.cfg)
+        if self.resume_changes:
+            step = state["position"]["step"]
+            self.reporter.warning("resuming with other settings than the checkpoint's run ("
+                                  + ", ".join(f"{k} {new!r}, was {old!r}" for k, (old, new)
+                                              in self.resume_changes.items())
+                                  + f"): steps after {step} use them; summary.json records "
+                                  "this as resumed_with_changes")
 
     def restore(self, found: tuple[str, dict[str, Any]] | None) -> Position:
         if found is None:
