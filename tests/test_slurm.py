@@ -160,3 +160,42 @@ def test_usr1_checkpoints_requeues_and_the_next_start_finishes_bitwise(tmp_path)
     assert json.loads((ref / "summary.json").read_text())["steps"] == final["steps"]
     a, b = _model(out), _model(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("layout", "args", "needle"), [
+    ({"nodes": 2}, ["--strategy", "single"], "runs in ONE process"),
+    ({"procs": 2}, ["--strategy", "dp"], "needs CUDA GPUs"),
+    ({"nodes": 2}, ["--strategy", "hogwild"], "cannot span 2 nodes"),
+    ({}, ["--strategy", "pipeline", "--stages", "2"], "does not divide the 1 processes"),
+    ({}, ["--balance", "auto"], "needs at least 2 processes"),
+    ({"procs": 2}, ["--threads", "2,1,3"], "gives 3 values for 2 local process(es)"),
+])
+def test_a_layout_the_job_would_refuse_is_refused_when_the_script_is_made(layout, args,
+                                                                          needle):
+    """Checked against the job's shape (srun's environment, its GPUs and cores), not this
+    login node's: the job itself would have failed on it after waiting in the queue."""
+    with pytest.raises(UsageError, match="the job runs") as err:
+        slurm.render(layout.get("nodes", 1), layout.get("procs", 1), train_args=args)
+    assert needle in str(err.value)
+
+
+def test_a_gpu_job_is_planned_with_its_gpus_and_sound_layouts_pass():
+    script = slurm.render(1, 2, gpus=True, train_args=["--strategy", "ddp"])
+    assert "--strategy ddp" in script
+    with pytest.raises(UsageError, match="with a GPU each"):
+        slurm.render(1, 2, gpus=True, train_args=["--strategy", "dp"])  # dp: one process
+    assert "--strategy ddp" in slurm.render(2, 2, train_args=["--strategy", "ddp"])
+
+
+def test_time_limits_the_job_cannot_use_and_requeue_with_a_configured_out(tmp_path):
+    with pytest.raises(UsageError, match="gets SIGTERM 60 s before its limit"):
+        slurm.render(1, 1, time="00:00:30")
+    with pytest.raises(UsageError, match="is not a SLURM time limit"):
+        slurm.render(1, 1, time="\uff11\uff10")  # full-width digits: sbatch refuses them
+    assert slurm.time_seconds("0") is None  # sbatch: no limit
+    assert "#SBATCH --time=0" in slurm.render(1, 1, time="0", requeue=True)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('out = "runs/mine"\nmodel = "linear"\n')
+    script = slurm.render(1, 1, requeue=True, train_args=["--config", str(cfg)])
+    assert "--resume auto" in script and "SLURM_JOB_ID\" &" not in script
+    assert "--out runs/dptrain-" in slurm.render(1, 1, requeue=True)

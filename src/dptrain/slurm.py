@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from dptrain.errors import UsageError
 
@@ -108,7 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; or no limit
 _TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                   r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<ms>\d+))?)")
+                   r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<ms>\d+))?)",
+                   re.ASCII)  # sbatch reads ASCII digits only
+TERM_LEAD_S = 60  # a plain job's SIGTERM comes this long before its time limit
 # `dptrain train` flags that the script's layout decides: srun starts every process itself
 _LAYOUT_FLAGS = {"nproc": "--procs-per-node", "nnodes": "--nodes", "node_rank": "--nodes",
                  "master_addr": "--nodes", "master_port": "--nodes"}
@@ -133,16 +136,19 @@ def check_time(value: str) -> str:
 
 
 def time_seconds(value: str) -> int | None:
-    """Seconds in a (checked) sbatch time limit; None for UNLIMITED."""
+    """Seconds in a (checked) sbatch time limit; None for UNLIMITED (and 0, which sbatch
+    reads as no limit)."""
     m = _TIME.fullmatch(check_time(value))
     if m is None:
         return None
     g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
     if "d" in g:
-        return ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
-    if "h" in g:
-        return (g["h"] * 60 + g["hm"]) * 60 + g["hs"]
-    return g["m"] * 60 + g.get("ms", 0)
+        seconds = ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    elif "h" in g:
+        seconds = (g["h"] * 60 + g["hm"]) * 60 + g["hs"]
+    else:
+        seconds = g["m"] * 60 + g.get("ms", 0)
+    return seconds or None
 
 
 def _check_word(flag: str, value: str) -> None:
@@ -151,15 +157,19 @@ def _check_word(flag: str, value: str) -> None:
                          f"choose another {flag}")
 
 
-def check_train_args(train_args: list[str], cpus: int = 1,
-                     requeue: bool = False) -> tuple[list[str], int]:
+def check_train_args(train_args: list[str], cpus: int = 1, requeue: bool = False,
+                     layout: tuple[int, int, bool] | None = None
+                     ) -> tuple[list[str], int, str]:
     """Validate the arguments after ``--`` exactly as ``dptrain train`` would (its parser and
     :func:`~dptrain.cli.resolve_config`) and decide the intra-op threads of each process.
 
     Returns the arguments to put in the script (with ``--threads`` added once, unless the user
     gave it) and the thread count for ``OMP_NUM_THREADS``. ``requeue``: every start of the
     job must continue the same run, so ``--resume`` is ``auto`` (added) and ``--out`` fixed
-    (checked by :func:`render`)."""
+    (checked by :func:`render`). ``layout``: (nodes, processes per node, GPUs): the job's
+    shape, which the arguments are checked against as ``dptrain train`` would be in the job
+    (a strategy that needs one process, CUDA, or one node). Also returns the run's ``out``
+    (from a flag or ``--config``; empty: none)."""
     from dptrain import cli
 
     args = list(train_args)
@@ -198,12 +208,32 @@ def check_train_args(train_args: list[str], cpus: int = 1,
                              "(drop --resume, or copy the checkpoint into OUT/checkpoints/)")
         if not hasattr(ns, "resume"):
             args = [*args, "--resume", "auto"]
+    if layout is not None:
+        _check_layout(cfg, *layout, cpus=cpus, where=where)
     counts = cfg.thread_counts()  # OpenMP gets the largest where they differ per rank
     if hasattr(ns, "threads"):  # given after --: keep it once, and let OpenMP agree
-        return args, max(counts, default=cpus)
+        return args, max(counts, default=cpus), cfg.out
     if counts:  # from --config FILE or a recipe: the script must not override it
-        return args, max(counts)
-    return ["--threads", str(cpus), *args], cpus
+        return args, max(counts), cfg.out
+    return ["--threads", str(cpus), *args], cpus, cfg.out
+
+
+def _check_layout(cfg: Any, nodes: int, procs: int, gpus: bool, *, cpus: int,
+                  where: str) -> None:
+    """The run's plan as each process of the job will make it (srun's environment, the job's
+    GPUs and cores, not this login node's), so that a layout the job would refuse is refused
+    here, at generation time."""
+    from dptrain.dist import DistEnv
+    from dptrain.plan import Hardware, make_plan
+
+    env = DistEnv(rank=0, world_size=nodes * procs, local_rank=0, local_world_size=procs,
+                  master_addr="127.0.0.1", master_port=29500, source="slurm")
+    hw = Hardware(cuda=gpus, gpus=procs if gpus else 0, cores=cpus * procs)
+    try:
+        make_plan(cfg, env, hw)
+    except UsageError as exc:
+        raise UsageError(f"{exc} {where}; the job runs {nodes} node(s) x {procs} process(es)"
+                         f"{' with a GPU each' if gpus else ' without GPUs'}") from None
 
 
 def render(nodes: int, procs: int, *, gpus: bool = False, cpus: int = 1, time: str = "01:00:00",
@@ -222,7 +252,8 @@ def render(nodes: int, procs: int, *, gpus: bool = False, cpus: int = 1, time: s
     if not python or "\n" in python:
         raise UsageError(f"--python {python!r} is not a path; pass the Python that has dptrain "
                          "installed")
-    args, threads = check_train_args(list(train_args or []), cpus, requeue)
+    args, threads, out = check_train_args(list(train_args or []), cpus, requeue,
+                                          layout=(nodes, procs, gpus))
     srun = SRUN.format(python=shlex.quote(python), args=" ".join(shlex.quote(a) for a in args))
     if requeue:
         limit = time_seconds(time)
@@ -230,14 +261,20 @@ def render(nodes: int, procs: int, *, gpus: bool = False, cpus: int = 1, time: s
             raise UsageError(f"--signal-lead {signal_lead} must be at least 1 and less than the "
                              f"time limit ({time} = {limit} s); e.g. --signal-lead 120 with "
                              "--time 01:00:00")
-        if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        if not out:  # neither a flag (an abbreviation included) nor --config set one
             # the same directory at every start of this job: the job id survives a requeue
             srun += " --out " + shlex.quote(f"runs/{job_name}-") + '"$SLURM_JOB_ID"'
         launch = REQUEUE.format(srun=srun, lead=signal_lead)
         signal_lines = (f"#SBATCH --signal=B:USR1@{signal_lead}\n#SBATCH --requeue\n"
                         "#SBATCH --open-mode=append\n")
     else:
-        launch, signal_lines = PLAIN.format(srun=srun), "#SBATCH --signal=TERM@60\n"
+        limit = time_seconds(time)
+        if limit is not None and limit <= TERM_LEAD_S:
+            raise UsageError(f"--time {time} is {limit} s: the job gets SIGTERM {TERM_LEAD_S} s "
+                             "before its limit (to write a checkpoint), so it would stop at "
+                             f"once; give more than {TERM_LEAD_S} s")
+        launch = PLAIN.format(srun=srun)
+        signal_lines = f"#SBATCH --signal=TERM@{TERM_LEAD_S}\n"
     return TEMPLATE.format(
         nodes=nodes, procs=procs, cpus=cpus, threads=threads, time=shlex.quote(time),
         job_name=shlex.quote(job_name), log="dptrain-%j.out",
