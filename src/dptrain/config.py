@@ -347,6 +347,9 @@ def coerce(values: dict[str, Any], *, source: str) -> dict[str, Any]:
         if name not in FIELDS:
             raise UsageError(f"{source}: unknown key {key!r}; see `dptrain train --help` "
                              "for the valid names")
+        if name in out:
+            raise UsageError(f"{source}: {key!r} sets {name}, which another spelling of it "
+                             "already set; keep one of them")
         want = field_type(name)
         if FIELDS[name].metadata.get("bool_spelling"):
             value = on_off(value)  # an older config.toml: channels_last = true
@@ -372,7 +375,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {p} is not valid TOML ({exc}); fix the syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {p}: {exc}") from None
+        raise UsageError(f"cannot read config file {p}: {exc}; save it as UTF-8 text (TOML)"
+                         ) from None
     if "train" in data and isinstance(data["train"], dict):
         others = sorted(k for k in data if k != "train")
         if others:

@@ -103,6 +103,8 @@ def world(tmp_path_factory) -> Path:
     torch.save({"weights": torch.ones(3)}, ck / "foreign.pt")
     _broken_checkpoints(ck, torch.load(ck / "linear.pt", weights_only=True))
     (w / "cfg" / "mixed.toml").write_text("lr = 0.1\n[train]\nbatch_size = 8\n")
+    (w / "cfg" / "twice.toml").write_text("batch_size = 32\nbatch-size = 64\n")
+    (w / "cfg" / "latin1.toml").write_bytes(b'out = "\xe9"\n')
     (w / "plug").mkdir()  # a user's plug-in module that does not compile
     (w / "plug" / "dptrain_test_syntax.py").write_text("def model(:\n    pass\n")
     sys.path.insert(0, str(w / "plug"))
@@ -371,6 +373,12 @@ CASES = [
     Case("config-mixed-table-and-top-level",
          lambda w: ["train", "--config", str(w / "cfg" / "mixed.toml")],
          ("has both a [train] table and top-level keys (lr)",)),
+    Case("config-one-setting-spelled-twice",
+         lambda w: ["train", "--config", str(w / "cfg" / "twice.toml")],
+         ("'batch-size' sets batch_size, which another spelling of it already set",)),
+    Case("config-not-utf8",
+         lambda w: ["train", "--config", str(w / "cfg" / "latin1.toml")],
+         ("cannot read config file", "save it as UTF-8 text")),
     Case("verify-nproc-not-a-number", lambda w: ["verify", "--nproc", "abc"],
          ("--nproc must be a positive integer or auto, got 'abc'",)),
     Case("bench-out-into-a-training-run",
