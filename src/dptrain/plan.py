@@ -129,6 +129,10 @@ def make_plan(cfg: TrainConfig, env: DistEnv, hw: Hardware | None = None) -> Pla
         raise UsageError("--sync-bn cannot apply to --strategy fsdp (BatchNorm statistics "
                          "stay per rank); drop --sync-bn, or use --strategy ddp or zero")
     _check_strategy_flags(cfg, strategy, nproc, nnodes, on_gpu)
+    _check_unused_flags(cfg, strategy)
+    if cfg.comm_hook == "bf16" and not on_gpu:
+        raise UsageError("--comm-hook bf16 needs CUDA with NCCL (torch's bf16 hook); on CPU "
+                         "use --comm-hook fp16 or none")
     counts = cfg.thread_counts()
     if len(counts) > 1 and len(counts) != nproc:
         raise UsageError(f"--threads {cfg.threads} gives {len(counts)} values for {nproc} local "
@@ -145,6 +149,30 @@ def make_plan(cfg: TrainConfig, env: DistEnv, hw: Hardware | None = None) -> Pla
                 nproc=nproc, nnodes=nnodes, world_size=world, threads=threads,
                 fetch=cfg.dataset in RAW_DIRS, hardware=hw,
                 rank_threads=tuple(counts) if len(counts) > 1 else ())
+
+
+# settings each strategy family reads; another strategy would ignore them silently
+FLAG_OWNERS = {
+    "comm_hook": ("none", ("ddp", "zero")), "cpu_allreduce": ("auto", ("ddp", "zero")),
+    "find_unused_parameters": (False, ("ddp", "zero")),
+    "static_graph": (False, ("ddp", "zero", "localsgd")),
+    "gradient_as_bucket_view": (False, ("ddp", "zero", "localsgd")),
+    "bucket_cap_mb": (25.0, ("ddp", "zero", "localsgd")),
+    "reshard_after_forward": (True, ("fsdp",)),
+    "sync_every": (8, ("localsgd",)), "localsgd_warmup_steps": (0, ("localsgd",)),
+}
+
+
+def _check_unused_flags(cfg: TrainConfig, strategy: str) -> None:
+    """A setting the chosen strategy does not read (DDP's hooks under fsdp, local SGD's
+    period under ddp, ...) is an error, not a flag that silently changes nothing."""
+    for name, (default, owners) in FLAG_OWNERS.items():
+        if getattr(cfg, name) != default and strategy not in owners:
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(default, bool):
+                flag = flag if not default else f"--no-{name.replace('_', '-')}"
+            raise UsageError(f"{flag} is a setting of --strategy {' / '.join(owners)}; "
+                             f"--strategy {strategy} does not use it: drop it")
 
 
 def _check_strategy_flags(cfg: TrainConfig, strategy: str, nproc: int, nnodes: int,

@@ -145,9 +145,11 @@ def bench_worker(spec: dict[str, Any]) -> dict[str, Any]:
     env = dist.detect()
     pipeline = {"microbatches": pipeline_microbatches(spec["batch_size"])} if (
         spec["strategy"] == "pipeline") else {}
+    if spec["strategy"] in ("ddp", "zero"):  # DDP's bucket size; the others have none
+        pipeline["bucket_cap_mb"] = spec["bucket_cap_mb"]
     cfg = TrainConfig(strategy=spec["strategy"], model=spec["model"], dataset=spec["dataset"],
                       data_root=spec["data_root"], batch_size=spec["batch_size"],
-                      device=spec["device"], bucket_cap_mb=spec["bucket_cap_mb"],
+                      device=spec["device"],
                       seed=spec["seed"], quiet=True, threads=spec["threads"],
                       optimizer="sgd", lr=spec["lr"], momentum=0.9, **pipeline).validate()
     plan = make_plan(cfg, env)
