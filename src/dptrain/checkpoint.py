@@ -391,7 +391,11 @@ def _check_tensors(saved: dict[str, torch.Tensor], path: str, model: torch.nn.Mo
 
 def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, precision: Precision, cfg: TrainConfig) -> None:
-    """Load ``state`` into the wrapped model, optimizer, precision and RNGs."""
+    """Load ``state`` into the wrapped model, optimizer, precision and RNGs. The optimizer's
+    hyper-parameters (momentum, weight decay, ...) stay this run's: loading a state dict would
+    bring back the checkpoint's, and a changed ``--momentum`` would be ignored while
+    config.toml claimed it (:func:`changed_settings` reports the change)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         if "sharded" in state:
             from dptrain import checkpoint_dcp
@@ -404,6 +408,9 @@ def restore(state: dict[str, Any], path: str, strategy: Strategy, model: torch.n
                "resume with the settings it was written with")
         raise UsageError(f"checkpoint {path} does not fit --model {cfg.model}: {exc}; {fix}"
                          ) from None
+    if len(settings) == len(optimizer.param_groups):
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)
 
 
 class Checkpointer:

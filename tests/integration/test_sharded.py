@@ -172,3 +172,32 @@ def test_fsdp_trains_convnet_contiguous_and_refuses_channels_last_up_front(tmp_p
     assert len(lines) == 1 and lines[0].startswith("error: --strategy fsdp shards contiguous")
     assert "'1.0.weight' is not" in lines[0] and "Traceback" not in r.stderr
     assert files() == before
+
+
+def test_a_resume_with_another_momentum_uses_it_under_single_and_fsdp(tmp_path):
+    """The optimizer's hyper-parameters are the resuming run's (loading the state dict
+    brought back the checkpoint's: --momentum 0 was ignored while config.toml said 0), and
+    fsdp takes a momentum checkpoint into SGD without momentum (torch's loader failed)."""
+    import shutil
+
+    from dptrain import cli
+
+    common = ["train", "--dataset", "synthetic", "--model", "myplugins:mlp", "--threads", "1",
+              "--quiet", "--lr", "0.05"]
+    start = tmp_path / "start"
+    assert cli.main([*common, "--momentum", "0.9", "--batch-size", "32", "--max-steps", "5",
+                     "--ckpt-every", "5", "--out", str(start)]) == 0
+    full = tmp_path / "full"
+    assert cli.main([*common, "--momentum", "0.9", "--batch-size", "32", "--max-steps", "10",
+                     "--out", str(full)]) == 0
+    runs = {}
+    for name, layout in (("single", ["--batch-size", "32"]),
+                         ("fsdp", ["--strategy", "fsdp", "--nproc", "2", "--batch-size", "16"])):
+        shutil.copytree(start, tmp_path / name)
+        assert cli.main([*common, *layout, "--momentum", "0", "--max-steps", "10",
+                         "--resume", "auto", "--out", str(tmp_path / name)]) == 0
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s["resumed_with_changes"] == {"momentum": [0.9, 0.0]}
+        runs[name] = params(tmp_path / name)
+    assert compare(runs["single"], runs["fsdp"])[0] < 1e-6
+    assert compare(runs["single"], params(full))[0] > 1e-3  # momentum 0 did apply

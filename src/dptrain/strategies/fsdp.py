@@ -166,12 +166,16 @@ class FullyShardedDataParallel(DistributedDataParallel):
         full = api.StateDictOptions(full_state_dict=True)
         api.set_model_state_dict(model, state["model"], options=full)
         try:
-            osd = _by_name(with_own_kernels(state["optimizer"], optimizer),
+            osd = _by_name(with_own_kernels(_unused_state_dropped(state["optimizer"],
+                                                                  optimizer), optimizer),
                            _group_names(model, optimizer))
-            api.set_optimizer_state_dict(model, optimizer, osd, options=full)
-        except (ValueError, KeyError, IndexError, RuntimeError) as exc:
-            raise UsageError(f"its optimizer state does not fit this optimizer ({exc})"
-                             ) from None
+            if osd.get("state"):  # else nothing to load (SGD without momentum keeps no state)
+                api.set_optimizer_state_dict(model, optimizer, osd, options=full)
+        except (ValueError, KeyError, IndexError, RuntimeError, AssertionError) as exc:
+            # AssertionError: torch's loader on state this optimizer never makes (momentum
+            # buffers for SGD without momentum)
+            raise UsageError(f"its optimizer state does not fit this optimizer "
+                             f"({exc or type(exc).__name__})") from None
         precision.load_state_dict(state.get("scaler") or {})
         if len(state["rng"]["cpu"]) == self.world_size:
             self.load_rng_state(state["rng"])
@@ -255,3 +259,15 @@ def _by_name(sd: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
                 state[name] = sd["state"][i]
         groups.append({**group, "params": list(here)})
     return {"state": state, "param_groups": groups}
+
+
+def _unused_state_dropped(osd: dict[str, Any], optimizer: torch.optim.Optimizer
+                          ) -> dict[str, Any]:
+    """The checkpoint's momentum buffers dropped when this run's SGD has no momentum (a
+    resume with --momentum 0): a plain optimizer ignores them, torch's FSDP loader fails on
+    state its optimizer never makes."""
+    if not all(g.get("momentum", 1) == 0 for g in optimizer.param_groups):
+        return osd
+    state = {k: {n: v for n, v in s.items() if n != "momentum_buffer"}
+             for k, s in osd.get("state", {}).items()}
+    return {**osd, "state": {k: s for k, s in state.items() if s}}
