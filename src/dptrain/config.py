@@ -194,7 +194,8 @@ class TrainConfig:
         self._check_numbers()
         self._check_lists()
         self._check_launch()
-        if self.nesterov and self.optimizer == "sgd" and not self.momentum > 0:
+        if (self.nesterov and self.optimizer == "sgd" and not self.momentum > 0
+                and not self.recipe):  # a recipe's own nesterov yields to --momentum 0
             raise UsageError("--nesterov needs momentum (--momentum 0.9, say): without it SGD "
                              "has no Nesterov step and the flag would change nothing")
         return self
