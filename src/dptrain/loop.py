@@ -133,6 +133,15 @@ class Stopwatch:
             self._start = None
 
 
+def check_fits(loader: Any, cfg: Any, world_size: int) -> None:
+    """At least one optimizer step per epoch: the global batch fits the training split."""
+    if loader.steps_per_epoch == 0:
+        raise UsageError(
+            f"the global batch ({loader.samples_per_step} = batch {cfg.batch_size} x "
+            f"{world_size} processes x accum {cfg.accum}) is larger than the training split "
+            f"({len(loader)} samples); lower --batch-size, --accum or the processes")
+
+
 class Trainer:
     """Runs :class:`TrainStep` over the loader from a :class:`Position`: sync points, logs,
     checkpoints and epoch ends at their intervals, stop requests."""
@@ -191,11 +200,7 @@ class Trainer:
 
     def run(self, pos: Position) -> LoopResult:
         cfg, loader = self.cfg, self.loader
-        if loader.steps_per_epoch == 0:
-            raise UsageError(
-                f"the global batch ({loader.samples_per_step} = batch {cfg.batch_size} x "
-                f"{self.strategy.world_size} processes x accum {cfg.accum}) is larger than "
-                f"the training split ({len(loader)} samples); lower --batch-size")
+        check_fits(loader, cfg, self.strategy.world_size)
         result = LoopResult()
         timer = Stopwatch(self.strategy.synchronize)
         self.last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
@@ -216,6 +221,8 @@ class Trainer:
                     self.on_epoch_end(pos)
                 pos.epoch += 1
                 pos.step_in_epoch = 0
+        if self.n_losses:  # stopped at the target between log lines: log the last window
+            self._boundary(pos, timer, result, force=True)
         timer.stop()
         result.train_time_s = timer.elapsed
         result.timed_steps = timer.steps
@@ -243,11 +250,13 @@ class Trainer:
                                f"({accuracy:.4f}, {timer.now():.2f} s of training)")
         return result.target_reached is not None
 
-    def _boundary(self, pos: Position, timer: Stopwatch, result: LoopResult) -> bool:
-        """Sync point, log line and checkpoint where one is due; True when told to stop."""
+    def _boundary(self, pos: Position, timer: Stopwatch, result: LoopResult,
+                  force: bool = False) -> bool:
+        """Sync point, log line and checkpoint where one is due (``force``: a sync point and
+        log line in any case); True when told to stop."""
         cfg = self.cfg
         ckpt_due = bool(cfg.ckpt_every) and pos.step % cfg.ckpt_every == 0
-        if not (pos.step % cfg.log_every == 0 or pos.step == self.total_steps or ckpt_due
+        if not (force or pos.step % cfg.log_every == 0 or pos.step == self.total_steps or ckpt_due
                 or pos.step_in_epoch == self.loader.steps_per_epoch):
             return False
         loss, stop_now = self.sync_point(self.stop, pos.step)

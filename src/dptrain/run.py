@@ -25,7 +25,15 @@ from dptrain.data.datasets import Splits, load_splits
 from dptrain.data.loader import DatasetLoader, Normalizer, ShardedLoader
 from dptrain.errors import UsageError
 from dptrain.evaluation import evaluate
-from dptrain.loop import LoopResult, Position, StopRequest, Trainer, TrainStep, epoch_steps
+from dptrain.loop import (
+    LoopResult,
+    Position,
+    StopRequest,
+    Trainer,
+    TrainStep,
+    check_fits,
+    epoch_steps,
+)
 from dptrain.metrics import Reporter, build_summary, setup_logging
 from dptrain.models import build_model, has_batchnorm, memory_format
 from dptrain.objective import Objective
@@ -128,6 +136,7 @@ class Run:
             cfg = self.cfg = ck.keep_global_batch(found[1], cfg, found[0],
                                                   strategy.data_world, strategy.batch_multiple)
         loader = strategy.attach_loader(self.build_loader(splits))
+        check_fits(loader, cfg, strategy.world_size)  # before the run directory changes
         self.splits, self.loader = splits, loader
         peak_lr = scaled_lr(cfg, loader.samples_per_step)
         total = epoch_steps(cfg.epochs, loader.steps_per_epoch)

@@ -65,6 +65,10 @@ def test_target_accuracy_stops_training_and_the_summary_says_when(tmp_path):
              .splitlines() if "test_accuracy" in line]
     assert [e["step"] for e in evals] == list(range(10, s["steps"] + 1, 10))  # once per step
     assert all(e["test_accuracy"] < 0.9 for e in evals[:-1])
+    # the losses of the steps since the last log line (every 50) were not dropped at the stop
+    train = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text()
+             .splitlines() if '"loss"' in line and "test_accuracy" not in line]
+    assert train[-1]["step"] == s["steps"] and s["final_loss"] == train[-1]["loss"] > 0
 
 
 def test_eval_every_without_a_target_trains_to_the_end(tmp_path):
