@@ -188,3 +188,21 @@ def test_a_resume_with_another_lr_is_recorded_not_silent(tmp_path: Path):
     moved = train_inproc(tmp_path / "r", *base, "--max-steps", "6", "--resume", "auto",
                          "--lr", "0.5", "--grad-clip", "1")
     assert moved["resumed_with_changes"] == {"lr": [0.01, 0.5], "grad_clip": [0.0, 1.0]}
+
+
+def test_inconsistent_rng_and_config_records_are_incomplete_not_a_traceback(tmp_path: Path):
+    from dptrain.checkpoint import incomplete
+
+    good = state(1)
+    assert incomplete(good) is None
+    for change, needle in (
+            (lambda s: s["rng"].update(cpu=[torch.zeros(3, dtype=torch.uint8)]), "bytes each"),
+            (lambda s: s.update(config="model linear"), "not a mapping"),
+            (lambda s: s.update(config={"batch_size": "64"}), "batch_size is '64'"),
+            (lambda s: s.update(config={"accum": 0}), "accum is 0")):
+        bad = state(1)
+        change(bad)
+        assert needle in incomplete(bad)
+        torch.save({**bad, "format": checkpoint.FORMAT}, tmp_path / "x.pt")
+        with pytest.raises(UsageError, match="incomplete or inconsistent"):
+            load(tmp_path / "x.pt")

@@ -199,9 +199,20 @@ def incomplete(state: dict[str, Any]) -> str | None:
         return "'world_size' is not a positive integer"
     if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), list)
             and len(rng["cpu"]) == world
-            and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cpu"])):
-        return f"'rng' must hold {world} CPU generator states (one per rank)"
+            and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                    and t.numel() == _CPU_RNG_BYTES for t in rng["cpu"])):
+        return (f"'rng' must hold {world} CPU generator states (one per rank, "
+                f"{_CPU_RNG_BYTES} bytes each)")
+    config = state.get("config", {})
+    if not isinstance(config, dict):
+        return "'config' is not a mapping of settings"
+    for key in ("batch_size", "accum"):
+        if key in config and not (type(config[key]) is int and config[key] >= 1):
+            return f"'config' {key} is {config[key]!r}, not a positive integer"
     return None
+
+
+_CPU_RNG_BYTES = torch.get_rng_state().numel()  # what torch.set_rng_state accepts
 
 
 @dataclass
