@@ -206,3 +206,23 @@ def test_two_nodes_average_like_one_node(tmp_path):
     assert two["parameter_averages"] == 3  # after steps 3, 7, 11
     diff, where = compare(params(tmp_path / "two"), params(tmp_path / "one"))
     assert diff < 1e-6, where
+
+
+def test_a_resume_keeps_the_lr_schedule(tmp_path):
+    """Resumed from its step-6 checkpoint, a cosine run continues bitwise as the
+    uninterrupted one. Loading the inner optimizer's state gave it new param groups while the
+    post-local-SGD wrapper kept the old ones, so every later lr went nowhere (1.2e-2 off)."""
+    from dptrain import cli
+    from tests.integration.test_features import params
+
+    run = ["train", "--threads", "1", "--quiet", "--dataset", "synthetic", "--model",
+           "myplugins:mlp", "--momentum", "0.9", "--strategy", "localsgd", "--nproc", "2",
+           "--batch-size", "16", "--sync-every", "4", "--schedule", "cosine",
+           "--max-steps", "12"]
+    full = tmp_path / "full"
+    assert cli.main([*run, "--ckpt-every", "6", "--out", str(full)]) == 0
+    resumed = tmp_path / "resumed"
+    assert cli.main([*run, "--resume", str(full / "checkpoints" / "step-00000006.pt"),
+                     "--out", str(resumed)]) == 0
+    a, b = params(full), params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

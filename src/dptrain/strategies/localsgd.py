@@ -281,6 +281,9 @@ class LocalSGD(DistributedDataParallel):
         source = ranks[self.rank] if exact else state
         own_state = {**state, "model": source["model"], "optimizer": source["optimizer"]}
         super().load_state_dict(own_state, self._own(model), opt.optim, precision)
+        # load_state_dict gave the inner optimizer new group dicts; the wrapper's are the old
+        # ones, where the loop would set each step's lr without it reaching the optimizer
+        opt.param_groups = opt.optim.param_groups
         step = state["position"]["step"]
         opt.averager.step = self.steps_done = step
         if self.hook_state is not None:
