@@ -293,7 +293,8 @@ def materialize(state: dict[str, Any]) -> dict[str, Any]:
         named.setdefault(fqn, {}).update(items)
     osd = by_index({"state": named, "param_groups": state["param_groups"]})
     return {"model": model, "optimizer": osd, "scaler": state.get("scaler"),
-            "rng": state["rng"], "world_size": state["world_size"]}
+            "rng": state["rng"], "world_size": state["world_size"],
+            "position": state["position"], "config": state.get("config", {})}
 
 
 def by_index(osd: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,20 @@ def _files(out: Path) -> dict[Path, bytes]:
     """Every file of a run directory but its lock (which holds the pid of its last user)."""
     return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()
             and p.name != ".dptrain.lock"}
+
+
+def test_localsgd_resumes_a_sharded_checkpoint(tmp_path):
+    """fsdp 0-5 (a DCP directory), then localsgd at H = 1 5-10 equals one process 0-10. It
+    was a KeyError traceback: the full state read from the shards had no position."""
+    from dptrain import cli
+
+    common = ["train", "--threads", "1", "--quiet", "--dataset", "synthetic", "--model",
+              "myplugins:mlp", "--momentum", "0.9", "--max-steps", "10"]
+    out = tmp_path / "moved"
+    assert cli.main([*common, "--strategy", "fsdp", "--nproc", "2", "--batch-size", "16",
+                     "--max-steps", "5", "--ckpt-every", "5", "--out", str(out)]) == 0
+    assert (out / "checkpoints" / "step-00000005.dcp").is_dir()
+    assert cli.main([*common, "--strategy", "localsgd", "--nproc", "2", "--batch-size", "16",
+                     "--sync-every", "1", "--resume", "auto", "--out", str(out)]) == 0
+    assert cli.main([*common, "--batch-size", "32", "--out", str(tmp_path / "ref")]) == 0
+    assert compare(params(out), params(tmp_path / "ref"))[0] < 1e-6
