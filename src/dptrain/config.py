@@ -258,6 +258,10 @@ class TrainConfig:
                              f"got {self.target_accuracy}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.target_accuracy and not (self.eval_every or self.eval_every_epoch):
+            raise UsageError("--target-accuracy is checked at evaluations, and this run makes "
+                             "none before its end (--no-eval-every-epoch, no --eval-every): "
+                             "add --eval-every N")
         if not 0 <= self.workers <= 256:
             raise UsageError(f"--workers {self.workers} is out of range: use 0 to 256")
 

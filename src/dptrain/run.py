@@ -172,7 +172,15 @@ class Run:
                                 loader.samples_per_step, peak_lr, found and found[0])
         if cfg.target_accuracy:
             summary["target_accuracy"] = cfg.target_accuracy
-            summary["target_reached"] = result.target_reached  # None: not reached
+            reached = result.target_reached  # None: not reached
+            final = summary.get("test_accuracy")
+            if reached is None and final is not None and final >= cfg.target_accuracy:
+                # no evaluation was due before the end (a run shorter than --eval-every or an
+                # epoch): the final one is where the target was met
+                reached = {"step": pos.step, "train_time_s": result.train_time_s,
+                           "accuracy": final, "samples": result.timed_samples,
+                           "at": "the final evaluation"}
+            summary["target_reached"] = reached
         if self.resume_changes:
             summary["resumed_with_changes"] = self.resume_changes
         summary.update(self.memory())

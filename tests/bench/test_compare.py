@@ -110,3 +110,18 @@ def test_only_exact_strategies_are_called_exact():
 
     assert exact("ddp", 8) and exact("localsgd", 1) and exact("zero", 8)
     assert not exact("localsgd", 8) and not exact("hogwild", 1)
+
+
+def test_a_target_met_only_at_the_final_evaluation_is_reported(tmp_path, capsys):
+    """30 steps, less than an epoch and no --eval-every: the final evaluation is the only
+    one (target_reached was null although the accuracy was above the target)."""
+    assert cli.main(["train", "--dataset", "synthetic", "--model", "linear", "--max-steps",
+                     "30", "--lr", "0.05", "--target-accuracy", "0.3", "--threads", "1",
+                     "--quiet", "--out", str(tmp_path / "t")]) == 0
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert s["target_reached"]["at"] == "the final evaluation"
+    assert s["target_reached"]["step"] == s["steps"] == 30
+    assert s["target_reached"]["accuracy"] == s["test_accuracy"] >= 0.3
+    assert cli.main(["train", "--dataset", "synthetic", "--target-accuracy", "0.3",
+                     "--no-eval-every-epoch", "--quiet", "--out", str(tmp_path / "u")]) == 2
+    assert "add --eval-every N" in capsys.readouterr().err
