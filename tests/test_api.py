@@ -173,3 +173,19 @@ def test_fit_errors_name_the_callers_objects_not_internal_specs(tmp_path):
     message = str(err.value)
     assert message.startswith("model (an nn.Module instance (Linear)) cannot take the batches")
     assert "_objects" not in message
+
+
+def test_fit_resumes_a_run_of_a_model_instance(tmp_path):
+    """Objects get a fresh internal name per fit call; resume="auto" compared those names
+    and refused ("resume with the same settings") a call that was the same."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    out = str(tmp_path / "r")
+    dptrain.fit(net, "synthetic", max_steps=3, threads=1, quiet=True, out=out, ckpt_every=1)
+    again = dptrain.fit(net, "synthetic", max_steps=6, threads=1, quiet=True, out=out,
+                        resume="auto")
+    assert again["steps"] == 6 and again["resumed_from"].endswith("step-00000003.pt")
+    with pytest.raises(UsageError, match="does not fit"):  # another model is still refused
+        other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32),
+                                    torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        dptrain.fit(other, "synthetic", max_steps=9, threads=1, quiet=True, out=out,
+                    resume="auto")

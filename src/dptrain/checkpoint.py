@@ -287,7 +287,14 @@ def check_compatible(state: dict[str, Any], cfg: TrainConfig, path: str, world_s
     of processes is fine when the global batch (batch x processes x accum) is kept: the data
     order continues at the same sample and every step is the same step."""
     saved = state.get("config", {})
+    from dptrain._objects import is_object_spec
+
     for key in COMPATIBLE:
+        if (key in saved and isinstance(saved[key], str) and is_object_spec(saved[key])
+                and is_object_spec(str(getattr(cfg, key)))):
+            continue  # Python objects given to dptrain.fit get a fresh name per call; their
+            # tensors are checked by name, shape and dtype (check_model) and the data by
+            # the position's fit to the epoch
         if key in saved and saved[key] != getattr(cfg, key):
             raise UsageError(f"checkpoint {path} was written with {key}={saved[key]!r}, this run "
                              f"has {key}={getattr(cfg, key)!r}; resume with the same settings")
