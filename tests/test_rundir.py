@@ -47,3 +47,36 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
         check_out_dir(tmp_path / "f", "")
+
+
+def test_out_may_not_be_a_runs_checkpoints_or_hold_a_file_where_a_directory_goes(tmp_path):
+    from dptrain.rundir import check_out_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match="is the checkpoints directory of the run"):
+        check_out_dir(run / "checkpoints", "")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "checkpoints").write_text("a user's file")
+    with pytest.raises(UsageError, match="holds a file named checkpoints"):
+        check_out_dir(odd, "")
+
+
+def test_default_out_takes_the_next_name_in_the_same_second(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from dptrain import rundir
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN206 - one second, for every call
+            return cls(2026, 12, 3, 12, 43, 36)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first = Path(rundir.default_out())
+    first.mkdir(parents=True)
+    second = Path(rundir.default_out())
+    assert (first.name, second.name) == ("20261203-124336", "20261203-124336-2")

@@ -199,3 +199,10 @@ def test_time_limits_the_job_cannot_use_and_requeue_with_a_configured_out(tmp_pa
     script = slurm.render(1, 1, requeue=True, train_args=["--config", str(cfg)])
     assert "--resume auto" in script and "SLURM_JOB_ID\" &" not in script
     assert "--out runs/dptrain-" in slurm.render(1, 1, requeue=True)
+
+
+def test_layout_keys_in_a_config_file_are_refused_like_the_flags(tmp_path):
+    cfg = tmp_path / "lay.toml"
+    cfg.write_text("nproc = 4\n")
+    with pytest.raises(UsageError, match=r"nproc = '4' \(from --config\) has no effect"):
+        slurm.render(1, 1, train_args=["--config", str(cfg)])

@@ -13,7 +13,14 @@ RUN_MARKERS = ("summary.json", "checkpoints", "metrics.jsonl")
 
 
 def default_out() -> str:
-    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    """``runs/<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... where a run started in the same
+    second already took the name (a sweep starting several at once)."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not path.exists():
+            return str(path)
+    return str(base)
 
 
 def holds_run(out: Path) -> list[str]:
@@ -29,10 +36,17 @@ def check_out_dir(out: Path, resume: str) -> None:
     ``resume``: ``""`` (a new run), ``auto`` (continue the run in ``out``) or a checkpoint
     path, which belongs to the run directory it was written in: resuming from it may write
     there, or into a new directory, never into a third, existing run."""
+    if out.name == "checkpoints" and holds_run(out.parent):
+        raise UsageError(f"--out {out} is the checkpoints directory of the run in {out.parent}; "
+                         "choose another --out")
     if not out.exists():
         return
     if not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    for name in ("checkpoints", "profile"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise UsageError(f"--out {out} holds a file named {name}, where the run writes its "
+                             f"{name} directory; move it, or choose another --out")
     if resume == "auto":
         return
     found = holds_run(out)

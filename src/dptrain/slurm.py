@@ -201,6 +201,14 @@ def check_train_args(train_args: list[str], cpus: int = 1, requeue: bool = False
         cfg = cli.resolve_config(ns)
     except UsageError as exc:
         raise UsageError(f"{exc} {where}") from None
+    from dptrain.config import FIELDS
+
+    for name, instead in _LAYOUT_FLAGS.items():  # the same keys from --config FILE
+        if getattr(cfg, name) != FIELDS[name].default:
+            raise UsageError(f"{name} = {getattr(cfg, name)!r} (from --config) has no effect "
+                             "in a SLURM job: srun starts every process and the script sets "
+                             f"the rendezvous; drop it from the file and use `dptrain slurm "
+                             f"{instead}`")
     if requeue:
         if cfg.resume and cfg.resume != "auto":
             raise UsageError(f"--resume {cfg.resume} {where} would restart from that checkpoint "
