@@ -189,3 +189,9 @@ def test_fit_resumes_a_run_of_a_model_instance(tmp_path):
                                     torch.nn.ReLU(), torch.nn.Linear(32, 10))
         dptrain.fit(other, "synthetic", max_steps=9, threads=1, quiet=True, out=out,
                     resume="auto")
+
+
+def test_fit_takes_paths_as_paths(tmp_path):
+    r = dptrain.fit("linear", "synthetic", max_steps=2, threads=1, quiet=True,
+                    out=tmp_path / "p", data_root=tmp_path / "data")
+    assert r["out"] == str(tmp_path / "p") and (tmp_path / "p" / "summary.json").is_file()

@@ -355,7 +355,8 @@ def fit(model: Any = "linear", dataset: Any = "mnist", **options: Any) -> FitRes
     started_at = time.time()
     objects: dict[str, Any] = {}
     described: dict[str, str] = {}
-    values = dict(options)
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v  # out=Path("runs/x")
+              for k, v in options.items()}
     values["model"] = _spec(model, "model", objects, described)
     values["dataset"] = _spec(dataset, "dataset", objects, described)
     if "loss" in values and not isinstance(values["loss"], str):
