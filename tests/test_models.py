@@ -229,3 +229,14 @@ def test_resumed_optimizer_state_takes_its_parameters_layout():
     match_layouts(opt)
     buf = opt.state[w]["momentum_buffer"]
     assert buf.stride() == w.stride() and torch.equal(buf, saved)
+
+
+def test_model_args_keep_their_text_for_parameters_annotated_str():
+    from dptrain.models import parse_model_args
+
+    def factory(name: str, n: int = 1, tag: "str" = "") -> None:  # noqa: UP037 - both forms
+        return None
+
+    assert parse_model_args("name=1.10,n=007,tag=007", factory) == {"name": "1.10", "n": 7,
+                                                                    "tag": "007"}
+    assert parse_model_args("name=1.10") == {"name": 1.1}  # no factory: read as a number

@@ -188,9 +188,12 @@ def call_plugin(spec: str, what: str, fn: Callable[..., Any], *args: Any,
                          "there") from None
 
 
-def parse_model_args(text: str) -> dict[str, object]:
+def parse_model_args(text: str, factory: Callable[..., object] | None = None
+                     ) -> dict[str, object]:
     """``"hidden=128,depth=2,act=relu"`` -> keyword arguments; values read as int, float,
-    bool (true/false) or str, in that order."""
+    bool (true/false) or str, in that order -- except for a ``factory`` parameter annotated
+    ``str``, which gets the text as written (``name=1.10`` stays ``"1.10"``)."""
+    as_text = _str_parameters(factory) if factory is not None else set()
     out: dict[str, object] = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         key, eq, raw = item.partition("=")
@@ -198,8 +201,19 @@ def parse_model_args(text: str) -> dict[str, object]:
         if not eq or not key.isidentifier():
             raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a Python "
                              "identifier (e.g. --model-arg hidden=128)")
-        out[key] = _parse_value(raw.strip())
+        out[key] = raw.strip() if key in as_text else _parse_value(raw.strip())
     return out
+
+
+def _str_parameters(factory: Callable[..., object]) -> set[str]:
+    """The factory's parameters annotated ``str`` (also as the string ``"str"``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.annotation in (str, "str")}
 
 
 def _parse_value(raw: str) -> object:
@@ -239,9 +253,9 @@ def _check_kwargs(spec: str, factory: Callable[..., object], kwargs: dict[str, o
 def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
     """A fresh model by registry name or ``package.module:factory``; ``args`` (a
     ``"k=v,k2=v2"`` string, as ``--model-arg`` stores it, or a dict) go to the factory."""
-    kwargs = parse_model_args(args) if isinstance(args, str) else dict(args)
     if ":" in name:
         factory = load_factory(name, "model")
+        kwargs = parse_model_args(args, factory) if isinstance(args, str) else dict(args)
         _check_kwargs(name, factory, kwargs)
         model = call_plugin(name, "model", factory, **kwargs)
         if not isinstance(model, nn.Module):
@@ -250,6 +264,7 @@ def build_model(name: str, args: str | dict[str, object] = "") -> nn.Module:
         return model
     if name not in REGISTRY:
         raise UsageError(f"unknown --model {name!r}: use one of {', '.join(REGISTRY)}")
+    kwargs = parse_model_args(args, REGISTRY[name]) if isinstance(args, str) else dict(args)
     _check_kwargs(name, REGISTRY[name], kwargs)
     return REGISTRY[name](**kwargs)
 
