@@ -234,7 +234,7 @@ def test_resumed_optimizer_state_takes_its_parameters_layout():
 def test_model_args_keep_their_text_for_parameters_annotated_str():
     from dptrain.models import parse_model_args
 
-    def factory(name: str, n: int = 1, tag: "str" = "") -> None:  # noqa: UP037 - both forms
+    def factory(name: str, n: int = 1, tag: str = "") -> None:  # annotations are "str" here
         return None
 
     assert parse_model_args("name=1.10,n=007,tag=007", factory) == {"name": "1.10", "n": 7,
