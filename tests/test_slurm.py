@@ -206,3 +206,10 @@ def test_layout_keys_in_a_config_file_are_refused_like_the_flags(tmp_path):
     cfg.write_text("nproc = 4\n")
     with pytest.raises(UsageError, match=r"nproc = '4' \(from --config\) has no effect"):
         slurm.render(1, 1, train_args=["--config", str(cfg)])
+
+
+def test_a_gpu_job_may_ask_for_nccl_from_a_login_node_without_it():
+    """The job's Python has NCCL; the CPU-only torch where the script is made need not."""
+    assert "--backend nccl" in slurm.render(1, 2, gpus=True, train_args=["--backend", "nccl"])
+    with pytest.raises(UsageError, match="--backend nccl needs CUDA GPUs"):
+        slurm.render(1, 2, train_args=["--backend", "nccl"])  # a job without GPUs

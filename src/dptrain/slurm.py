@@ -237,6 +237,8 @@ def _check_layout(cfg: Any, nodes: int, procs: int, gpus: bool, *, cpus: int,
     env = DistEnv(rank=0, world_size=nodes * procs, local_rank=0, local_world_size=procs,
                   master_addr="127.0.0.1", master_port=29500, source="slurm")
     hw = Hardware(cuda=gpus, gpus=procs if gpus else 0, cores=cpus * procs)
+    if gpus and cfg.backend == "nccl":  # the job's torch has NCCL; this login node's may not
+        cfg = cfg.replace(backend="auto")
     try:
         make_plan(cfg, env, hw)
     except UsageError as exc:
