@@ -98,7 +98,9 @@ def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
                 # contiguous: channels_last picks oneDNN kernels by batch and thread count,
                 # whose rounding alone would grow past the tolerance on BatchNorm convnets
                 channels_last="off")
-    single = {k: v for k, v in base.items() if k not in STRATEGY_ONLY}
+    from dptrain.plan import FLAG_OWNERS  # the N-process strategy's own settings, too
+
+    single = {k: v for k, v in base.items() if k not in STRATEGY_ONLY and k not in FLAG_OWNERS}
     threads = str(values.get("threads", "0")).split(",")[0]
     one = TrainConfig(**{**single, "threads": threads, "nproc": "1", "strategy": "single",
                          "batch_size": values["batch_size"] * replicas(values, nproc, strategy),
