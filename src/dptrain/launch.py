@@ -575,4 +575,9 @@ def _failure(exc: Any, node_ranks: range) -> Exception:
     parts = [f"worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed "
              f"with exit code {failure.exitcode}:\n{_failure_text(failure).rstrip()}"
              for rank, failure in failures]
-    return WorkerFailure("\n".join(parts), headline=_headline(failures, node_ranks))
+    # every failed rank exited with one status of its own (a script's sys.exit(3) under
+    # `dptrain run`): that status; an exception or a signal: 1
+    codes = {failure.exitcode for _, failure in failures}
+    code = codes.pop() if len(codes) == 1 else 1
+    return WorkerFailure("\n".join(parts), exit_code=code if isinstance(code, int) and code > 0
+                         else 1, headline=_headline(failures, node_ranks))

@@ -105,3 +105,11 @@ def test_a_user_built_optimizer_under_zero_is_sharded_and_trains_like_ddp(tmp_pa
     assert int(both) == 7850 and 0 < int(held) < 7850  # the momenta partitioned over ranks
     ddp_total = next(ln for ln in out["ddp"].splitlines() if ln.startswith("RESULT")).split()[4]
     assert abs(float(total) - float(ddp_total)) < 1e-4
+
+
+def test_run_passes_on_the_scripts_own_exit_status(tmp_path):
+    """Every worker ends with sys.exit(3): `dptrain run --nproc 2` exits 3 (it was 1)."""
+    script = tmp_path / "ex3.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    assert run_cli("run", str(script), timeout=120).returncode == 3
+    assert run_cli("run", "--nproc", "2", str(script), timeout=120).returncode == 3
