@@ -25,6 +25,7 @@ NAMES = [
     "isa",
     "matmul_peak",
     "cpu_heap",
+    "shared_memory",
     "loopback_port",
     "default_port",
     "network",
@@ -352,3 +353,25 @@ def test_cpu_heap_names_glibc_and_the_malloc_variables_tuned_overrides(monkeypat
     monkeypatch.setattr(heap, "glibc_version", lambda: "")
     c = doctor.check_cpu_heap({"MALLOC_ARENA_MAX": "2"})
     assert c.status == "ok" and "not glibc" in c.detail and c.facts["glibc"] is None
+
+
+def test_unusable_shared_memory_fails_the_check_and_refuses_a_launch(monkeypatch):
+    """A read-only /dev/shm (containers): every local multi-process run died in a 75-line
+    multiprocessing traceback while doctor said all was well."""
+    import multiprocessing
+
+    from dptrain import launch
+    from dptrain.errors import UsageError
+
+    assert doctor.check_shared_memory().status == "ok"
+
+    class ReadOnly:
+        def Lock(self):  # noqa: N802 - multiprocessing's name
+            raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: ReadOnly())
+    c = doctor.check_shared_memory()
+    assert c.status == "fail" and "Read-only file system" in c.detail
+    assert "--shm-size" in c.advice
+    with pytest.raises(UsageError, match="shared memory is not usable .*mount a writable"):
+        launch.launch(print, (), nproc=2)

@@ -395,6 +395,21 @@ def loopback_reason(host: str = "127.0.0.1") -> str | None:
     return check(host)
 
 
+def check_shared_memory() -> Check:
+    """Whether a POSIX semaphore (a segment in /dev/shm) can be made: every local
+    multi-process run needs one."""
+    from dptrain.launch import shm_problem
+
+    why = shm_problem()
+    if why is not None:
+        return Check("shared_memory", "fail", why,
+                     "local multi-process training needs a writable /dev/shm: mount one "
+                     "(docker: --shm-size 1g or --ipc=host); one process still works",
+                     {"ok": False, "reason": why})
+    return Check("shared_memory", "ok", "POSIX shared memory works (a semaphore was made)",
+                 facts={"ok": True})
+
+
 def check_loopback_port(host: str = "127.0.0.1") -> Check:
     """Whether TCP works on loopback: a port binds, a client connects, bytes go through.
 
@@ -710,6 +725,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_isa,
     check_matmul_peak,
     check_cpu_heap,
+    check_shared_memory,
     check_loopback_port,
     check_default_port,
     check_network,

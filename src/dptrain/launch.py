@@ -490,6 +490,18 @@ def _loopback_gloo_env() -> dict[str, str]:
     return {}
 
 
+def shm_problem() -> str | None:
+    """Why POSIX shared memory (``/dev/shm`` on Linux) cannot hold a small segment here, or
+    ``None``. A read-only or missing one is common in containers."""
+    import multiprocessing
+
+    try:
+        multiprocessing.get_context("spawn").Lock()  # what the launcher's workers need
+    except OSError as exc:
+        return f"POSIX shared memory is not usable ({exc.strerror or exc})"
+    return None
+
+
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes: int = 1,
            node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 0,
            max_restarts: int = 0, rdzv_timeout_s: int = 300, fast_exit: bool = False
@@ -505,6 +517,11 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
 
     from dptrain import dist
 
+    why = shm_problem()
+    if why is not None:
+        raise UsageError(f"{why}: local workers need it (multiprocessing's locks, the "
+                         "shared-memory all-reduce); mount a writable /dev/shm (docker: "
+                         "--shm-size 1g or --ipc=host), or train in one process")
     forked = fast_exit and fork_server_usable()
     if forked:
         prestart_workers()
