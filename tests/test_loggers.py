@@ -217,3 +217,32 @@ def test_a_store_mlflow_cannot_open_is_one_error_line_before_any_file(tmp_path, 
     assert err[0].startswith("error: --logger mlflow: cannot open the MLflow run at "
                              "nosuchscheme://host/path: ")
     assert not out.exists()  # refused before the run wrote anything: no empty --out left
+
+
+def test_a_resume_drops_the_records_past_its_checkpoint_so_no_step_is_logged_twice(tmp_path):
+    """Killed after step 20 with its last checkpoint at 16: the continuation logs 17-24, and
+    metrics.jsonl / metrics.csv held 17-20 twice (plot took the last; other readers both).
+    A start from scratch in the directory drops the dead run's records altogether."""
+    import csv as csvlib
+
+    from tests.conftest import train_inproc
+
+    out = tmp_path / "k"
+    base = ["--dataset", "synthetic", "--model", "linear", "--log-every", "2", "--ckpt-every",
+            "8", "--logger", "jsonl,csv"]
+    train_inproc(out, *base, "--max-steps", "20")
+    for name in ("last.pt", "step-00000020.pt"):  # as if killed before its step-20 save
+        (out / "checkpoints" / name).unlink()
+    train_inproc(out, *base, "--max-steps", "24", "--resume", "auto")
+
+    def loss_steps() -> tuple[list[int], list[int]]:
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        with (out / "metrics.csv").open(newline="") as fh:
+            rows = [r for r in csvlib.DictReader(fh) if r["loss"]]
+        return [r["step"] for r in lines if "loss" in r], [int(r["step"]) for r in rows]
+
+    assert loss_steps() == (list(range(2, 25, 2)), list(range(2, 25, 2)))
+    for p in (out / "checkpoints").iterdir():  # nothing to resume from: a fresh start
+        p.unlink()
+    train_inproc(out, *base, "--max-steps", "4", "--resume", "auto")
+    assert loss_steps() == ([2, 4], [2, 4])

@@ -328,14 +328,57 @@ class MlflowLogger(Logger):
             self.client.set_terminated(self.run_id, self.status)
 
 
-def open_loggers(names: list[str], out: Path, *, resumed: bool) -> list[Logger]:
+def _purge_after(out: Path, step: int) -> None:
+    """Drop the records past ``step`` from ``metrics.jsonl`` and ``metrics.csv`` (each
+    rewritten atomically): a run continuing from its step-``step`` checkpoint (0: from
+    scratch) logs those steps again, and the file must not hold them twice, or hold a dead
+    run's steps before a new one's."""
+    from dptrain.metrics import write_text_atomic
+
+    jsonl = out / "metrics.jsonl"
+    if jsonl.is_file():
+        kept = []
+        for line in jsonl.read_text().splitlines(keepends=True):
+            try:
+                at = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError):
+                continue  # a fragment a crash left (MetricsFile cuts it too)
+            if isinstance(at, int | float) and at <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        write_text_atomic(jsonl, "".join(kept))
+    table = out / "metrics.csv"
+    if table.is_file():
+        with table.open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            rows = list(reader)
+        at = header.index("step") if "step" in header else None
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if header:
+            writer.writerow(header)
+        for row in rows:
+            try:
+                if at is not None and float(row[at]) <= step:
+                    writer.writerow(row)
+            except (ValueError, IndexError):
+                continue
+        write_text_atomic(table, buf.getvalue())
+
+
+def open_loggers(names: list[str], out: Path, *, resumed: bool,
+                 purge_after: int | None = None) -> list[Logger]:
     """The loggers for ``names``, opened on ``out`` (which exists). A failure closes the ones
-    already opened."""
+    already opened. ``purge_after``: drop the file records past this step first
+    (:func:`purge_after`), once the stores that can refuse have opened."""
     opened: list[Logger] = []
     # the stores that can refuse (a server, a URI) before the run's own files
     order = sorted(names, key=lambda n: n in ("jsonl", "csv"))
     try:
         for name in order:
+            if name in ("jsonl", "csv") and purge_after is not None:
+                _purge_after(out, purge_after)
+                purge_after = None
             if name == "jsonl":
                 opened.append(JsonlLogger(out))
             elif name == "csv":

@@ -193,8 +193,10 @@ class Reporter:
         self._started = False
         self._progress: Progress | None = None
 
-    def start(self, config_toml: str) -> None:
-        """Write ``config.toml`` and open the loggers (``metrics.jsonl``, ...)."""
+    def start(self, config_toml: str, continue_from: int | None = None) -> None:
+        """Write ``config.toml`` and open the loggers (``metrics.jsonl``, ...).
+        ``continue_from``: the step this run continues from (0: from scratch); in a run
+        directory that already holds a run, the records past it are dropped first."""
         if not self.active:
             return
         import tomllib
@@ -205,7 +207,8 @@ class Reporter:
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = (self.out / "config.toml").exists()
         # the loggers first: one that cannot open its store leaves no config.toml behind
-        self._loggers = lg.open_loggers(self.logger_names, self.out, resumed=resumed)
+        self._loggers = lg.open_loggers(self.logger_names, self.out, resumed=resumed,
+                                        purge_after=continue_from if resumed else None)
         write_text_atomic(self.out / "config.toml", config_toml)
         self._started = True
         config = tomllib.loads(config_toml)

@@ -145,7 +145,8 @@ class Run:
         if cfg.target_accuracy and self.objective.task == "regression":
             raise UsageError("--target-accuracy needs a task with an accuracy (classification "
                              "or multilabel); this run is a regression: drop it")
-        self.reporter.start(to_toml(cfg))  # every check has passed: outputs may change now
+        # every check has passed: outputs may change now
+        self.reporter.start(to_toml(cfg), found[1]["position"]["step"] if found else 0)
         self.checkpoints.sweep()
         self.model = strategy.wrap(model)
         if cfg.compile:
