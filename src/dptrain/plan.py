@@ -52,6 +52,13 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def auto_nproc(device: str, hw: Hardware | None = None) -> int:
+    """``--nproc auto``: one process per GPU where CUDA is used (``device`` not ``cpu``),
+    else one per usable CPU core."""
+    hw = hw or Hardware.detect()
+    return hw.gpus if hw.cuda and device != "cpu" else hw.cores
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated run: everything a worker needs besides its rank."""
@@ -242,7 +249,7 @@ def _launch(cfg: TrainConfig, env: DistEnv, hw: Hardware, on_gpu: bool
         nodes = max(1, env.world_size // max(1, env.local_world_size))
         return "external", env.local_world_size, nodes
     if cfg.nproc == "auto":
-        nproc = hw.gpus if on_gpu else hw.cores
+        nproc = auto_nproc(cfg.device, hw)
     else:
         nproc = int(cfg.nproc)
         limit = hw.gpus if on_gpu else hw.cores * MAX_PROCS_PER_CORE

@@ -171,24 +171,30 @@ class Run:
         self.finish(result, pos)
         summary = build_summary(self, result, pos, self.last_eval, loader.steps_per_epoch,
                                 loader.samples_per_step, peak_lr, found and found[0])
-        if cfg.target_accuracy:
-            summary["target_accuracy"] = cfg.target_accuracy
-            reached = result.target_reached  # None: not reached
-            final = summary.get("test_accuracy")
-            if reached is None and final is not None and final >= cfg.target_accuracy:
-                # no evaluation was due before the end (a run shorter than --eval-every or an
-                # epoch): the final one is where the target was met
-                reached = {"step": pos.step, "train_time_s": result.train_time_s,
-                           "accuracy": final, "samples": result.timed_samples,
-                           "at": "the final evaluation"}
-            summary["target_reached"] = reached
-        if self.resume_changes:
-            summary["resumed_with_changes"] = self.resume_changes
+        summary.update(self.outcome(result, pos, summary.get("test_accuracy")))
         summary.update(self.memory())
         summary.update(self.data_summary())
         summary.update(self.flops(summary["train_samples_per_s"]))
         self.reporter.summary(summary)
         return summary
+
+    def outcome(self, result: LoopResult, pos: Position, final: float | None
+                ) -> dict[str, Any]:
+        """The summary's ``target_accuracy``/``target_reached`` (a target met only at the
+        final evaluation, ``final``, counts: no earlier one was due) and
+        ``resumed_with_changes``, where they apply."""
+        out: dict[str, Any] = {}
+        target = self.cfg.target_accuracy
+        if target:
+            reached = result.target_reached  # None: not reached
+            if reached is None and final is not None and final >= target:
+                reached = {"step": pos.step, "train_time_s": result.train_time_s,
+                           "accuracy": final, "samples": result.timed_samples,
+                           "at": "the final evaluation"}
+            out.update(target_accuracy=target, target_reached=reached)
+        if self.resume_changes:
+            out["resumed_with_changes"] = self.resume_changes
+        return out
 
     def memory(self) -> dict[str, Any]:
         """Per-rank bytes of parameters, gradients and optimizer state (the tensors each rank

@@ -115,10 +115,9 @@ def run_pair(values: dict[str, Any], nproc: int, steps: int, root: Path,
 def _nproc(text: str, device: str) -> int:
     """``--nproc N`` or ``auto`` (the GPUs, else the usable CPU cores), 1 to 64."""
     if text == "auto":
-        from dptrain.bench import usable_cores
+        from dptrain.plan import auto_nproc
 
-        gpu = device != "cpu" and torch.cuda.is_available()
-        nproc = torch.cuda.device_count() if gpu else usable_cores()
+        nproc = auto_nproc(device)
     else:
         try:
             nproc = int(text)

@@ -252,15 +252,12 @@ def nproc_limit(device: str) -> tuple[int, str]:
 
 
 def _nprocs(text: str, device: str) -> list[int]:
-    from dptrain.bench import usable_cores
+    from dptrain.plan import auto_nproc
 
     out: list[int] = []
     for part in comma_list("--nproc", text, "1,2"):
         if part == "auto":
-            import torch
-
-            gpu = device != "cpu" and torch.cuda.is_available()
-            out.append(torch.cuda.device_count() if gpu else usable_cores())
+            out.append(auto_nproc(device))
             continue
         try:
             n = int(part)
