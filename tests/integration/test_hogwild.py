@@ -132,8 +132,10 @@ def test_every_rank_holds_the_same_parameters_updated_n_times_per_sample(tmp_pat
     ddp = (mine + theirs) / 2
     assert ddp.abs().min() > 1e-3 and (mine - theirs).abs().max() > 1e-3
     ratio = h0["probe"].double() / ddp
-    assert ((ratio - 2).abs() < 0.05).all(), ratio  # each update lost to a race: ~1 %
-    assert torch.allclose(h0["probe"].double(), mine + theirs, rtol=0.03, atol=1e-5)
+    # updates lost to races: ~1 % on average, up to 10 % for one element under the full
+    # suite (a fresh-clone CI saw 1.90); a copy per rank would give ~1 everywhere
+    assert abs(ratio.mean() - 2) < 0.05 and ((ratio - 2).abs() < 0.15).all(), ratio
+    assert torch.allclose(h0["probe"].double(), mine + theirs, rtol=0.075, atol=1e-5)
     assert last(tmp_path / "run")["position"]["step"] == 40
 
 
