@@ -246,3 +246,47 @@ def test_a_resume_drops_the_records_past_its_checkpoint_so_no_step_is_logged_twi
         p.unlink()
     train_inproc(out, *base, "--max-steps", "4", "--resume", "auto")
     assert loss_steps() == ([2, 4], [2, 4])
+
+
+def test_a_resume_logs_each_step_once_to_tensorboard_and_mlflow(tmp_path, mlflow_env):
+    """Killed after step 20 with its last checkpoint at 16: TensorBoard hides the dead
+    process's events past 16 (purge_step) and MLflow, which cannot delete points, is not sent
+    17-20 again; the values it holds are the continuation's (an exact resume). A start from
+    scratch in the directory is a new MLflow run."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import train_inproc
+
+    out = tmp_path / "k"
+    base = ["--dataset", "synthetic", "--model", "linear", "--log-every", "2", "--ckpt-every",
+            "8", "--logger", "jsonl,tensorboard,mlflow"]
+    train_inproc(out, *base, "--max-steps", "20")
+    for name in ("last.pt", "step-00000020.pt"):  # as if killed before its step-20 save
+        (out / "checkpoints" / name).unlink()
+    train_inproc(out, *base, "--max-steps", "24", "--resume", "auto")
+    logged = {r["step"]: r["loss"] for r in _jsonl(out) if "loss" in r}
+    assert sorted(logged) == list(range(2, 25, 2))
+
+    def same(points: list[tuple[int, float]]) -> bool:  # TensorBoard keeps float32
+        return ([s for s, _ in points] == sorted(logged)
+                and [v for _, v in points] == pytest.approx([logged[s] for s in sorted(logged)]))
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert same([(e.step, e.value) for e in acc.Scalars("loss")])
+    client, run = _mlflow_run(out)
+    assert same(sorted((m.step, m.value)
+                       for m in client.get_metric_history(run.info.run_id, "loss")))
+    assert run.info.status == "FINISHED"
+
+    for p in (out / "checkpoints").iterdir():  # nothing to resume from: a fresh start
+        p.unlink()
+    train_inproc(out, *base, "--max-steps", "4", "--resume", "auto")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    exp = client.get_experiment_by_name("dptrain")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]

@@ -206,12 +206,16 @@ class CsvLogger(Logger):
 
 
 class TensorBoardLogger(Logger):
-    """Event files under ``OUT/tb``: every finite number as a scalar."""
+    """Event files under ``OUT/tb``: every finite number as a scalar. ``purge_after``: a run
+    continuing from its step-``purge_after`` checkpoint; TensorBoard then hides the events an
+    earlier process logged past that step (``SummaryWriter``'s ``purge_step``), which this
+    run logs again."""
 
     name = "tensorboard"
 
-    def __init__(self, out: Path) -> None:
-        self.writer = _import("tensorboard").SummaryWriter(str(out / "tb"))
+    def __init__(self, out: Path, *, purge_after: int | None = None) -> None:
+        purge = None if purge_after is None else purge_after + 1
+        self.writer = _import("tensorboard").SummaryWriter(str(out / "tb"), purge_step=purge)
 
     def log_metrics(self, step: int, record: dict[str, Any]) -> None:
         values = {k: v for k, v in record.items() if k not in ("step", "epoch", "time")}
@@ -231,11 +235,18 @@ class MlflowLogger(Logger):
     every record's numbers at its step (``epoch`` included). The summary: its numbers as
     ``summary.*`` metrics, everything else as ``summary.*`` tags. Artifacts: the final
     checkpoint, ``config.toml`` and ``summary.json``. The run ends FINISHED, KILLED (stopped
-    by a signal, to be resumed) or FAILED (closed without a summary)."""
+    by a signal, to be resumed) or FAILED (closed without a summary).
+
+    A resume (``continue_from`` > 0) continues the directory's MLflow run. MLflow cannot
+    delete a metric's points, so the steps an earlier process logged past the checkpoint are
+    not logged again (an exact resume computes the same values; where the resume changed a
+    setting they stay the earlier process's): every step is in the run once. A start from
+    scratch in the directory (``continue_from`` 0) is a new MLflow run."""
 
     name = "mlflow"
 
-    def __init__(self, out: Path, *, resumed: bool = False) -> None:
+    def __init__(self, out: Path, *, resumed: bool = False,
+                 continue_from: int | None = None) -> None:
         self.mlflow = _import("mlflow")
         from mlflow.tracking import MlflowClient
 
@@ -250,11 +261,13 @@ class MlflowLogger(Logger):
             experiment = self.client.get_experiment_by_name(name)
             exp_id = (experiment.experiment_id if experiment is not None
                       else self.client.create_experiment(name))
-            run = self._previous(exp_id, out) if resumed else None
+            run = self._previous(exp_id, out) if resumed and continue_from != 0 else None
+            self.logged: dict[str, int] = {}  # key -> the last step the run already holds
             if run is None:
                 run = self.client.create_run(exp_id, run_name=out.name,
                                              tags={"dptrain.out": str(out)})
             else:
+                self.logged = self._last_steps(run)
                 self.client.update_run(run.info.run_id, status="RUNNING")
             self.run_id = run.info.run_id
         except Exception as exc:  # noqa: BLE001 - a store's own errors (MlflowException,
@@ -274,6 +287,12 @@ class MlflowLogger(Logger):
         found = self.client.search_runs([exp_id], f"tags.`dptrain.out` = '{out}'",
                                         order_by=["attributes.start_time DESC"], max_results=1)
         return found[0] if found else None
+
+    def _last_steps(self, run: Any) -> dict[str, int]:
+        """Per metric of ``run``, the highest step it holds."""
+        return {key: max((m.step for m in self.client.get_metric_history(run.info.run_id, key)),
+                         default=-1)
+                for key in run.data.metrics}
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -301,7 +320,8 @@ class MlflowLogger(Logger):
 
         values = {k: v for k, v in record.items() if k not in ("step", "time")}
         stamp = int(record.get("time", time.time()) * 1000)
-        metrics = [Metric(k, v, stamp, step) for k, v in scalars(values).items()]
+        metrics = [Metric(k, v, stamp, step) for k, v in scalars(values).items()
+                   if step > self.logged.get(k, -1)]  # held already: an earlier process's
         if metrics:
             self._call("log metrics", self.client.log_batch, self.run_id, metrics=metrics)
 
@@ -369,24 +389,27 @@ def _purge_after(out: Path, step: int) -> None:
 def open_loggers(names: list[str], out: Path, *, resumed: bool,
                  purge_after: int | None = None) -> list[Logger]:
     """The loggers for ``names``, opened on ``out`` (which exists). A failure closes the ones
-    already opened. ``purge_after``: drop the file records past this step first
-    (:func:`purge_after`), once the stores that can refuse have opened."""
+    already opened. ``purge_after``: the step this run continues from in a directory that
+    holds an earlier run's records (0: from scratch); the records past it are dropped from the
+    files (:func:`_purge_after`, once the stores that can refuse have opened), hidden in
+    TensorBoard, and not logged again to MLflow."""
     opened: list[Logger] = []
     # the stores that can refuse (a server, a URI) before the run's own files
     order = sorted(names, key=lambda n: n in ("jsonl", "csv"))
+    purge_files = purge_after is not None
     try:
         for name in order:
-            if name in ("jsonl", "csv") and purge_after is not None:
+            if name in ("jsonl", "csv") and purge_files:
                 _purge_after(out, purge_after)
-                purge_after = None
+                purge_files = False
             if name == "jsonl":
                 opened.append(JsonlLogger(out))
             elif name == "csv":
                 opened.append(CsvLogger(out))
             elif name == "tensorboard":
-                opened.append(TensorBoardLogger(out))
+                opened.append(TensorBoardLogger(out, purge_after=purge_after))
             elif name == "mlflow":
-                opened.append(MlflowLogger(out, resumed=resumed))
+                opened.append(MlflowLogger(out, resumed=resumed, continue_from=purge_after))
     except BaseException:
         for logger in opened:
             logger.close()
