@@ -219,6 +219,20 @@ def test_a_store_mlflow_cannot_open_is_one_error_line_before_any_file(tmp_path, 
     assert not out.exists()  # refused before the run wrote anything: no empty --out left
 
 
+def _killed_at_20_resumed_from_16_to_24(out: Path, loggers: str) -> list[str]:
+    """A linear run logging every 2 steps, killed after step 20 with its last checkpoint at
+    16, then resumed to 24. Returns the arguments common to both runs."""
+    from tests.conftest import train_inproc
+
+    base = ["--dataset", "synthetic", "--model", "linear", "--log-every", "2", "--ckpt-every",
+            "8", "--logger", loggers]
+    train_inproc(out, *base, "--max-steps", "20")
+    for name in ("last.pt", "step-00000020.pt"):  # as if killed before its step-20 save
+        (out / "checkpoints" / name).unlink()
+    train_inproc(out, *base, "--max-steps", "24", "--resume", "auto")
+    return base
+
+
 def test_a_resume_drops_the_records_past_its_checkpoint_so_no_step_is_logged_twice(tmp_path):
     """Killed after step 20 with its last checkpoint at 16: the continuation logs 17-24, and
     metrics.jsonl / metrics.csv held 17-20 twice (plot took the last; other readers both).
@@ -228,12 +242,7 @@ def test_a_resume_drops_the_records_past_its_checkpoint_so_no_step_is_logged_twi
     from tests.conftest import train_inproc
 
     out = tmp_path / "k"
-    base = ["--dataset", "synthetic", "--model", "linear", "--log-every", "2", "--ckpt-every",
-            "8", "--logger", "jsonl,csv"]
-    train_inproc(out, *base, "--max-steps", "20")
-    for name in ("last.pt", "step-00000020.pt"):  # as if killed before its step-20 save
-        (out / "checkpoints" / name).unlink()
-    train_inproc(out, *base, "--max-steps", "24", "--resume", "auto")
+    base = _killed_at_20_resumed_from_16_to_24(out, "jsonl,csv")
 
     def loss_steps() -> tuple[list[int], list[int]]:
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -259,12 +268,7 @@ def test_a_resume_logs_each_step_once_to_tensorboard_and_mlflow(tmp_path, mlflow
     from tests.conftest import train_inproc
 
     out = tmp_path / "k"
-    base = ["--dataset", "synthetic", "--model", "linear", "--log-every", "2", "--ckpt-every",
-            "8", "--logger", "jsonl,tensorboard,mlflow"]
-    train_inproc(out, *base, "--max-steps", "20")
-    for name in ("last.pt", "step-00000020.pt"):  # as if killed before its step-20 save
-        (out / "checkpoints" / name).unlink()
-    train_inproc(out, *base, "--max-steps", "24", "--resume", "auto")
+    base = _killed_at_20_resumed_from_16_to_24(out, "jsonl,tensorboard,mlflow")
     logged = {r["step"]: r["loss"] for r in _jsonl(out) if "loss" in r}
     assert sorted(logged) == list(range(2, 25, 2))
 
