@@ -21,12 +21,18 @@ log = logging.getLogger("dptrain")
 
 
 def setup_logging(rank: int, world_size: int, quiet: bool = False) -> None:
-    """Standard-library logging with a rank prefix when several processes run."""
+    """Standard-library logging with a rank prefix when several processes run: progress on
+    stdout, warnings and errors on stderr (where ``2>&1``-less pipelines and CI logs keep them
+    apart from the figures)."""
     prefix = f"[rank {rank}] " if world_size > 1 else ""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (progress, problems):
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     root = logging.getLogger("dptrain")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [progress, problems]
     root.propagate = False
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 
