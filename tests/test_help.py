@@ -28,3 +28,16 @@ def test_train_help_prints_each_default_once(capsys):
     assert "run directory (default: runs/<timestamp>)" in text
     assert text.count("$DPTRAIN_DATA") == 1
     assert "--loss LOSS" in text and "--task {auto,classification,multilabel,regression}" in text
+
+
+@pytest.mark.parametrize("argv", [["train", "--ou", "x"], ["train", "--max-st", "3"],
+                                  ["bench", "comm", "--size", "4K"], ["verify", "--nproc", "2",
+                                                                "--step", "3"]])
+def test_flags_are_taken_spelled_out_only(capsys, argv):
+    """argparse's prefix matching took ``--ou`` for ``--out``: a typo, or a flag that a later
+    version shadows, silently became another setting."""
+    with pytest.raises(SystemExit) as done:
+        cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.startswith("error: unrecognized arguments: ") and argv[-2] in err

@@ -31,7 +31,13 @@ from dptrain.errors import UsageError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one ``error:`` line (exit status 2)."""
+    """argparse that reports mistakes as one ``error:`` line (exit status 2), and takes flags
+    spelled out only: argparse's prefix matching would read ``--lr-s`` as ``--lr-scaling``
+    today and refuse it, or read it as another flag, once a second ``--lr-s...`` exists."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # noqa: D102
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
