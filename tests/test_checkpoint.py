@@ -190,6 +190,21 @@ def test_a_resume_with_another_lr_is_recorded_not_silent(tmp_path: Path):
     assert moved["resumed_with_changes"] == {"lr": [0.01, 0.5], "grad_clip": [0.0, 1.0]}
 
 
+def test_a_resume_that_stretches_a_cosine_schedule_is_recorded(tmp_path: Path):
+    """A cosine (or onecycle) curve is laid out over the run's length: resuming a 4-step run
+    to 8 steps restarts the lr near its peak. The constant schedule has no length to move."""
+    from tests.conftest import train_inproc
+
+    base = ["--dataset", "synthetic", "--model", "linear", "--ckpt-every", "2"]
+    train_inproc(tmp_path / "c", *base, "--schedule", "cosine", "--max-steps", "4")
+    moved = train_inproc(tmp_path / "c", *base, "--schedule", "cosine", "--max-steps", "8",
+                         "--resume", "auto")
+    assert moved["resumed_with_changes"] == {"total_steps": [4, 8]}
+    train_inproc(tmp_path / "k", *base, "--max-steps", "4")
+    assert "resumed_with_changes" not in train_inproc(tmp_path / "k", *base, "--max-steps", "8",
+                                                      "--resume", "auto")
+
+
 def test_inconsistent_rng_and_config_records_are_incomplete_not_a_traceback(tmp_path: Path):
     from dptrain.checkpoint import incomplete
 

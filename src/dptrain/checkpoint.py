@@ -252,12 +252,31 @@ TRAINING_SETTINGS = ("lr", "momentum", "nesterov", "weight_decay", "schedule", "
                      "ref_batch", "precision", "label_smoothing", "augment")
 
 
-def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+# schedules whose curve is laid out over the whole run: a resume that changes the run's
+# length (--epochs, --max-steps) moves the rest of the curve (a cosine at its end starts again)
+LENGTH_SCHEDULES = ("cosine", "onecycle")
+
+
+def changed_settings(state: dict[str, Any], cfg: TrainConfig, total_steps: int | None = None,
+                     steps_per_epoch: int | None = None) -> dict[str, list[Any]]:
     """The :data:`TRAINING_SETTINGS` this run sets differently from the checkpoint's run:
-    ``{name: [checkpoint's value, this run's]}``."""
+    ``{name: [checkpoint's value, this run's]}``. With ``total_steps`` and
+    ``steps_per_epoch`` (this run's), also ``total_steps`` where a schedule of
+    :data:`LENGTH_SCHEDULES` is laid out over another number of steps than the checkpoint's
+    run was."""
+    from dptrain.loop import epoch_steps
+
     saved = state.get("config", {})
-    return {k: [saved[k], getattr(cfg, k)] for k in TRAINING_SETTINGS
-            if k in saved and saved[k] != getattr(cfg, k)}
+    changed = {k: [saved[k], getattr(cfg, k)] for k in TRAINING_SETTINGS
+               if k in saved and saved[k] != getattr(cfg, k)}
+    if (total_steps is not None and steps_per_epoch and cfg.schedule in LENGTH_SCHEDULES
+            and isinstance(saved.get("epochs"), int | float)
+            and isinstance(saved.get("max_steps"), int)):
+        before = epoch_steps(saved["epochs"], steps_per_epoch)
+        before = min(before, saved["max_steps"]) if saved["max_steps"] else before
+        if before != total_steps:
+            changed["total_steps"] = [before, total_steps]
+    return changed
 
 
 def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:

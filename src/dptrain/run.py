@@ -340,7 +340,7 @@ class Run:
                             self.strategy.batch_multiple)
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
-        self.resume_changes = ck.changed_settings(state, self.cfg)
+        self.resume_changes = ck.changed_settings(state, self.cfg, total, steps_per_epoch)
         if self.resume_changes:
             step = state["position"]["step"]
             self.reporter.warning("resuming with other settings than the checkpoint's run ("
