@@ -18,6 +18,7 @@ module dispatches to it (:func:`load` of a directory, :func:`capture`, :meth:`Ch
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
@@ -225,6 +226,35 @@ class Position:
 
     def to_dict(self) -> dict[str, int]:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+
+@dataclass
+class Timing:
+    """Timed training so far (:class:`dptrain.loop.Stopwatch`'s seconds and samples, each
+    process's first step excluded), summed over the processes a resumed run has had."""
+
+    train_time_s: float = 0.0
+    samples: int = 0
+
+    @classmethod
+    def saved(cls, state: dict[str, Any]) -> Timing:
+        """A checkpoint's record (none before dptrain recorded it: zero)."""
+        got = state.get("timing")
+        if not isinstance(got, dict):
+            return cls()
+        t, n = got.get("train_time_s"), got.get("samples")
+        ok = (isinstance(t, int | float) and isinstance(n, int) and math.isfinite(t)
+              and t >= 0 and n >= 0)
+        return cls(float(t), n) if ok else cls()
+
+    def plus(self, timer: Any) -> Timing:
+        """This and a running stopwatch's figures (``None``: nothing timed yet)."""
+        if timer is None:
+            return Timing(self.train_time_s, self.samples)
+        return Timing(self.train_time_s + timer.now(), self.samples + timer.samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_time_s": self.train_time_s, "samples": self.samples}
 
 
 # ------------------------------------------------------------------ resume

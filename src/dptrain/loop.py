@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dptrain.checkpoint import Position
+from dptrain.checkpoint import Position, Timing
 from dptrain.config import TrainConfig
 from dptrain.data.loader import Batch, ShardedLoader
 from dptrain.errors import UsageError
@@ -151,7 +151,8 @@ class Trainer:
                  on_checkpoint: Callable[[Position], None],
                  on_epoch_end: Callable[[Position], None], stop: StopRequest,
                  on_step: Callable[[int], None] | None = None,
-                 on_eval: Callable[[Position], float | None] | None = None) -> None:
+                 on_eval: Callable[[Position], float | None] | None = None,
+                 earlier: Timing | None = None) -> None:
         self.cfg, self.strategy, self.reporter = cfg, strategy, reporter
         self.step, self.loader, self.total_steps = step, loader, total_steps
         self.on_checkpoint, self.on_epoch_end = on_checkpoint, on_epoch_end
@@ -159,6 +160,8 @@ class Trainer:
         self.on_eval = on_eval  # --eval-every: evaluate, return the accuracy (or None)
         self.stop = stop
         self.device = strategy.device
+        self.earlier = earlier or Timing()  # a resumed run's timed training before this process
+        self.timer: Stopwatch | None = None  # this process's, while run() runs (checkpoints)
         # each micro-batch's loss since the last sync point, one slot per micro-batch (a single
         # copy on the hot path); read at the sync point to average, and to find the first
         # non-finite one exactly
@@ -202,7 +205,7 @@ class Trainer:
         cfg, loader = self.cfg, self.loader
         check_fits(loader, cfg, self.strategy.world_size)
         result = LoopResult()
-        timer = Stopwatch(self.strategy.synchronize)
+        timer = self.timer = Stopwatch(self.strategy.synchronize)
         self.last_log = (0.0, 0)  # (timed seconds, timed samples) at the previous log line
         self.step.model.train()
         self.window_start, self.n_losses = pos.step, 0
@@ -244,10 +247,11 @@ class Trainer:
         with timer.paused():  # an epoch's last step: the epoch-end evaluation, done here
             accuracy = self.on_eval(pos)
         if target and accuracy is not None and accuracy >= target:
-            result.target_reached = {"step": pos.step, "train_time_s": timer.now(),
-                                     "accuracy": accuracy, "samples": timer.samples}
+            so_far = self.earlier.plus(timer)
+            result.target_reached = {"step": pos.step, "train_time_s": so_far.train_time_s,
+                                     "accuracy": accuracy, "samples": so_far.samples}
             self.reporter.info(f"target accuracy {target:g} reached at step {pos.step} "
-                               f"({accuracy:.4f}, {timer.now():.2f} s of training)")
+                               f"({accuracy:.4f}, {so_far.train_time_s:.2f} s of training)")
         return result.target_reached is not None
 
     def _boundary(self, pos: Position, timer: Stopwatch, result: LoopResult,

@@ -124,6 +124,10 @@ class Run:
                                            is_main=strategy.is_main, keep=cfg.keep_ckpts)
         self.has_bn = False
         self.last_eval: dict[str, Any] = {}
+        # timed training before this process (a resume): seconds and samples, from the
+        # checkpoint, so that time to --target-accuracy counts the whole run
+        self.earlier = ck.Timing()
+        self.trainer: Trainer | None = None
         self.resume_changes: dict[str, list[Any]] = {}
 
     def execute(self, stop: StopRequest) -> dict[str, Any]:
@@ -156,9 +160,10 @@ class Run:
         pos = self.restore(found)
         step = TrainStep(strategy, self.model, self.optimizer, self.objective, self.precision,
                          lambda s: lr_at(cfg, peak_lr, s, loader.steps_per_epoch, total))
-        trainer = Trainer(cfg, strategy, self.reporter, step, loader, total,
-                          on_checkpoint=self.save_checkpoint, on_epoch_end=self.epoch_end,
-                          stop=stop, on_eval=self.evaluate_due)
+        trainer = self.trainer = Trainer(
+            cfg, strategy, self.reporter, step, loader, total, on_checkpoint=self.save_checkpoint,
+            on_epoch_end=self.epoch_end, stop=stop, on_eval=self.evaluate_due,
+            earlier=self.earlier)
         self.reporter.info(f"{strategy.name} on {self.device} x {strategy.world_size} "
                            f"({strategy.backend}), model {cfg.model}, loss {cfg.loss} "
                            f"({self.objective.task}), global batch {loader.samples_per_step}, "
@@ -188,8 +193,10 @@ class Run:
         if target:
             reached = result.target_reached  # None: not reached
             if reached is None and final is not None and final >= target:
-                reached = {"step": pos.step, "train_time_s": result.train_time_s,
-                           "accuracy": final, "samples": result.timed_samples,
+                reached = {"step": pos.step,
+                           "train_time_s": self.earlier.train_time_s + result.train_time_s,
+                           "accuracy": final,
+                           "samples": self.earlier.samples + result.timed_samples,
                            "at": "the final evaluation"}
             out.update(target_accuracy=target, target_reached=reached)
         if self.resume_changes:
@@ -356,6 +363,7 @@ class Run:
         ck.restore(state, path, self.strategy, self.model, self.optimizer, self.precision,
                    self.cfg)
         pos = Position(**state["position"])
+        self.earlier = ck.Timing.saved(state)
         self.reporter.info(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, "
                            f"step {pos.step_in_epoch} of it)")
         return pos
@@ -368,6 +376,8 @@ class Run:
         state = ck.capture(self.strategy, self.model, self.optimizer, self.precision, pos,
                            self.cfg)  # collective: on every rank
         state["normalization"] = self.data_info()["normalization"]  # for load_model/predict
+        timer = self.trainer.timer if self.trainer is not None else None
+        state["timing"] = self.earlier.plus(timer).to_dict()
         self.checkpoints.save(state, pos.step)
         self.strategy.barrier()
 

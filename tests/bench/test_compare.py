@@ -51,6 +51,24 @@ def test_unknown_strategies_and_one_process_are_refused():
     assert cli.main(["bench", "--compare", "ddp", "--nproc", "1"]) == 2
 
 
+def test_time_to_target_after_a_resume_counts_the_earlier_processes(tmp_path):
+    """A run preempted at step 10 and resumed reaches its target at step R: the time and
+    samples to the target are the whole run's (each process's first step untimed), not only
+    the resumed part's."""
+    base = ["train", "--dataset", "synthetic", "--model", "linear", "--lr", "0.05",
+            "--threads", "1", "--quiet", "--out", str(tmp_path / "t"), "--batch-size", "16"]
+    assert cli.main([*base, "--max-steps", "10"]) == 0
+    first = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert cli.main([*base, "--max-steps", "200", "--resume", "auto", "--eval-every", "5",
+                     "--target-accuracy", "0.9"]) == 0
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    reached = s["target_reached"]
+    assert reached["step"] == s["steps"] > 10
+    assert reached["samples"] == (reached["step"] - 2) * 16  # steps 1 and 11 untimed
+    assert (first["train_time_s"] < reached["train_time_s"]
+            <= first["train_time_s"] + s["train_time_s"] + 1e-9)
+
+
 def test_target_accuracy_stops_training_and_the_summary_says_when(tmp_path):
     code = cli.main(["train", "--dataset", "synthetic", "--model", "linear", "--epochs", "3",
                      "--eval-every", "10", "--target-accuracy", "0.9", "--lr", "0.05",
