@@ -286,6 +286,26 @@ def _stop_starting_workers(context: Any) -> None:
                     os.kill(pid, signal.SIGTERM)
 
 
+# A worker that lost a peer (it died, or failed inside a collective) waits this long before it
+# fails in turn. torch's agent reports the first failed worker it finds at a poll (every
+# monitor_interval, 0.1 s), the lowest local rank first when several have exited: without the
+# wait, rank 0's "rank 1 died" often reached the report instead of rank 1's own traceback.
+PEER_LOST_GRACE_S = 1.0
+_PEER_LOST = re.compile(r"shared-memory all-reduce: rank \d+ (\(pid \d+\) died|failed in this)"
+                        r"|[Cc]onnection (closed|reset) by peer|Broken pipe")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it came from) says another worker is gone."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _PEER_LOST.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 class _WorkerMain:
     """A worker's entry point around ``fn``: SIGINT, blocked since the spawn (see
     ``_start_workers``), is delivered from here on. One that arrived during start-up raises
@@ -320,6 +340,10 @@ class _WorkerMain:
             if self.forked:
                 _run_exit_handlers_at_the_end()
             return result
+        except Exception as exc:
+            if peer_lost(exc):  # let the agent see the peer's failure first: it is the cause
+                time.sleep(PEER_LOST_GRACE_S)
+            raise
         finally:
             # A Ctrl-C comes twice (the terminal's to the whole group, then the agent's
             # forward): one landing after the function, outside torch's wrapper, would print
