@@ -26,6 +26,26 @@ def test_new_and_empty_directories_are_free(tmp_path):
     check_out_dir(tmp_path / "failed", "")
 
 
+def test_a_config_toml_dptrain_did_not_write_is_never_overwritten(tmp_path):
+    """A user's notes in OUT/config.toml (even the --config file being read) were replaced by
+    the resolved configuration; a run's own config.toml is rewritten as before."""
+    from dptrain.config import TrainConfig, to_toml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# my experiment notes\nlr = 0.05\n")
+    for resume in ("", "auto"):
+        with pytest.raises(UsageError, match="holds a config.toml that dptrain did not write"):
+            check_out_dir(mine, resume)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.toml").write_text(to_toml(TrainConfig()))
+    check_out_dir(ours, "")
+    (ours / "config.toml").write_text("# replayable = false: objects.\n# `dptrain train "
+                                      "--config` ...\n" + to_toml(TrainConfig()))
+    check_out_dir(ours, "auto")
+
+
 def test_an_existing_run_needs_resume_auto(tmp_path):
     make_run(tmp_path / "a")
     with pytest.raises(UsageError, match="already holds a run"):

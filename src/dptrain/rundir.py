@@ -47,6 +47,10 @@ def check_out_dir(out: Path, resume: str) -> None:
         if (out / name).exists() and not (out / name).is_dir():
             raise UsageError(f"--out {out} holds a file named {name}, where the run writes its "
                              f"{name} directory; move it, or choose another --out")
+    if (out / "config.toml").exists() and not written_by_dptrain(out / "config.toml"):
+        raise UsageError(f"--out {out} holds a config.toml that dptrain did not write (a file of "
+                         "yours?), where the run writes its resolved configuration; move it, "
+                         "or choose another --out")
     if resume == "auto":
         return
     found = holds_run(out)
@@ -61,6 +65,18 @@ def check_out_dir(out: Path, resume: str) -> None:
                          "one: drop --out, or choose a new --out")
     raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass "
                      "--resume auto to continue it, or choose another --out")
+
+
+def written_by_dptrain(config: Path) -> bool:
+    """Whether ``config`` is a run's own ``config.toml`` (its header comment says so): one a
+    run may rewrite. Any other file there is the user's."""
+    try:
+        with config.open("rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(line.startswith(("# dptrain resolved configuration", "# dptrain.Session"))
+               for line in head.splitlines()[:4])
 
 
 def run_of(checkpoint: Path) -> Path | None:
