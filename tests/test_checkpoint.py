@@ -221,3 +221,29 @@ def test_inconsistent_rng_and_config_records_are_incomplete_not_a_traceback(tmp_
         torch.save({**bad, "format": checkpoint.FORMAT}, tmp_path / "x.pt")
         with pytest.raises(UsageError, match="incomplete or inconsistent"):
             load(tmp_path / "x.pt")
+
+
+def test_resuming_a_complete_run_changes_nothing(tmp_path: Path):
+    """A finished run resumed with --resume auto (a requeued job, a rerun script) used to
+    evaluate again, log the step-N evaluation twice and replace its summary with one of no
+    timed step (final_loss NaN, no throughput). Killed between its last checkpoint and its
+    summary, it is finished instead."""
+    import hashlib
+
+    from tests.conftest import train_inproc
+
+    out = tmp_path / "r"
+    base = ["--dataset", "synthetic", "--model", "linear", "--max-steps", "6", "--ckpt-every",
+            "3"]
+    first = train_inproc(out, *base)
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*")
+                if p.is_file() and p.name != ".dptrain.lock"}
+
+    before = digests()
+    assert train_inproc(out, *base, "--resume", "auto") == first
+    assert digests() == before
+    (out / "summary.json").unlink()
+    again = train_inproc(out, *base, "--resume", "auto")
+    assert again["steps"] == 6 and again["test_accuracy"] == first["test_accuracy"]

@@ -9,6 +9,7 @@ Nothing here asks which strategy runs: the strategy object answers.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -149,6 +150,9 @@ class Run:
         if cfg.target_accuracy and self.objective.task == "regression":
             raise UsageError("--target-accuracy needs a task with an accuracy (classification "
                              "or multilabel); this run is a regression: drop it")
+        done = self.already_complete(found, total)
+        if done is not None:
+            return done
         # every check has passed: outputs may change now
         self.reporter.start(to_toml(cfg), found[1]["position"]["step"] if found else 0)
         self.checkpoints.sweep()
@@ -181,6 +185,29 @@ class Run:
         summary.update(self.data_summary())
         summary.update(self.flops(summary["train_samples_per_s"]))
         self.reporter.summary(summary)
+        return summary
+
+    def already_complete(self, found: tuple[str, dict[str, Any]] | None, total: int
+                         ) -> dict[str, Any] | None:
+        """Resuming a run that trained all its steps and wrote its summary: there is nothing
+        to do, and its outputs stay as they are (a second final evaluation and a summary of no
+        timed step would replace the real one). Returns that summary; ``None``: train."""
+        if found is None or found[1]["position"]["step"] < total:
+            return None
+        path = Path(self.cfg.out) / "summary.json"
+
+        def finished() -> dict[str, Any] | None:
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None  # killed between its last checkpoint and its summary: finish it
+            return summary if isinstance(summary, dict) and summary.get("steps") == total else None
+
+        summary = self.strategy.main_only(finished)
+        if summary is not None:
+            self.reporter.info(f"{self.cfg.out}: the run is complete ({total} steps, "
+                               f"{path} written); nothing to train: raise --max-steps or "
+                               "--epochs to continue it")
         return summary
 
     def outcome(self, result: LoopResult, pos: Position, final: float | None
