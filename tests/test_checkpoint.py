@@ -190,6 +190,35 @@ def test_a_resume_with_another_lr_is_recorded_not_silent(tmp_path: Path):
     assert moved["resumed_with_changes"] == {"lr": [0.01, 0.5], "grad_clip": [0.0, 1.0]}
 
 
+def test_a_config_toml_of_a_run_resumed_with_changes_does_not_replay_as_another_run(
+        tmp_path: Path, capsys):
+    """config.toml holds the last settings: replayed from scratch it trained every step at the
+    new lr, a different run, silently. It now says so; the record survives later resumes
+    without changes (checkpoints carry it); with --resume the file continues the run."""
+    from dptrain import cli
+    from tests.conftest import train_inproc
+
+    run = tmp_path / "r"
+    base = ["--dataset", "synthetic", "--model", "linear", "--ckpt-every", "2"]
+    train_inproc(run, *base, "--max-steps", "2")
+    train_inproc(run, *base, "--max-steps", "4", "--resume", "auto", "--lr", "0.5")
+    later = train_inproc(run, *base, "--max-steps", "6", "--resume", "auto", "--lr", "0.5")
+    assert "resumed_with_changes" not in later
+    assert later["settings_history"] == [{"step": 2, "changes": {"lr": [0.01, 0.5]}}]
+    text = (run / "config.toml").read_text()
+    assert text.startswith("# replayable = false: resumed at step 2 (lr 0.5, was 0.01).\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(run / "config.toml"), "--out",
+                     str(tmp_path / "replay")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {run / 'config.toml'} records a run resumed at "
+                          "step 2 (lr 0.5, was 0.01): ")
+    assert not (tmp_path / "replay").exists()
+    assert cli.main(["train", "--config", str(run / "config.toml"), "--max-steps", "8",
+                     "--resume", "auto", "--quiet"]) == 0
+    assert (run / "config.toml").read_text().startswith(text.splitlines()[0])
+
+
 def test_a_resume_that_stretches_a_cosine_schedule_is_recorded(tmp_path: Path):
     """A cosine (or onecycle) curve is laid out over the run's length: resuming a 4-step run
     to 8 steps restarts the lr near its peak. The constant schedule has no length to move."""

@@ -309,6 +309,36 @@ def changed_settings(state: dict[str, Any], cfg: TrainConfig, total_steps: int |
     return changed
 
 
+def settings_history(state: dict[str, Any] | None, changes: dict[str, list[Any]]
+                     ) -> list[dict[str, Any]]:
+    """The resumes with other settings a run has had (``[{"step", "changes"}]``, oldest first):
+    the checkpoint's record, and this resume's ``changes`` if any. Checkpoints carry it, so a
+    later resume without changes still knows that the run's first steps had other settings."""
+    saved = (state or {}).get("settings_history")
+    history = [h for h in saved if isinstance(h, dict) and isinstance(h.get("step"), int)
+               and isinstance(h.get("changes"), dict)] if isinstance(saved, list) else []
+    if changes and state is not None:
+        history.append({"step": state["position"]["step"], "changes": changes})
+    return history
+
+
+RESUMED_MARK = "# replayable = false: resumed at step"
+
+
+def history_header(history: list[dict[str, Any]]) -> str:
+    """``config.toml``'s first lines for a run with a :func:`settings_history`: the file holds
+    the latest settings, which a replay from scratch would train every step with."""
+    if not history:
+        return ""
+    parts = ["{} ({})".format(h["step"], ", ".join(f"{k} {new!r}, was {old!r}"
+                                                   for k, (old, new) in h["changes"].items()))
+             for h in history]
+    return (f"{RESUMED_MARK} {'; at step '.join(parts)}.\n"
+            "# The values below are the last ones. `dptrain train --config` on this file "
+            "refuses a new run from it\n# (every step would use them); with --resume it "
+            "continues this run.\n")
+
+
 def saved_global_batch(state: dict[str, Any]) -> tuple[int, int, int] | None:
     """(batch per process, processes, accum) the checkpoint was written with, if recorded."""
     saved = state.get("config", {})

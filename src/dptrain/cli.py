@@ -93,6 +93,25 @@ class _AppendModelArg(argparse.Action):
         setattr(namespace, self.dest, f"{before},{value}" if before else value)
 
 
+def check_replayable(path: str) -> None:
+    """A run directory's config.toml after a resume with other settings holds the last ones:
+    a new run from it would train every step with them, another run than the one recorded."""
+    from dptrain.checkpoint import RESUMED_MARK
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline().rstrip("\n")
+    except OSError:
+        return
+    if first.startswith(RESUMED_MARK):
+        what = first[len("# replayable = false: "):].rstrip(".")
+        raise UsageError(f"config file {path} records a run {what}: a new run from it would "
+                         "train every step with the last settings, "
+                         "not the run it records; pass --resume auto (and that run's --out) to "
+                         "continue it, or delete its first comment lines to train with these "
+                         "settings from the start")
+
+
 def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None
                    ) -> TrainConfig:
     """Defaults < recipe < ``--config`` file < flags (< ``overrides``), then validate."""
@@ -100,6 +119,8 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any] | None = 
 
     explicit = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     from_file = load_toml(args.config) if getattr(args, "config", None) else {}
+    if from_file and "resume" not in explicit:
+        check_replayable(args.config)
     recipe = explicit.get("recipe", from_file.get("recipe", ""))
     values: dict[str, Any] = {}
     if recipe:

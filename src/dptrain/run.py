@@ -130,6 +130,7 @@ class Run:
         self.earlier = ck.Timing()
         self.trainer: Trainer | None = None
         self.resume_changes: dict[str, list[Any]] = {}
+        self.history: list[dict[str, Any]] = []  # ck.settings_history
 
     def execute(self, stop: StopRequest) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
@@ -154,7 +155,8 @@ class Run:
         if done is not None:
             return done
         # every check has passed: outputs may change now
-        self.reporter.start(to_toml(cfg), found[1]["position"]["step"] if found else 0)
+        self.reporter.start(ck.history_header(self.history) + to_toml(cfg),
+                            found[1]["position"]["step"] if found else 0)
         self.checkpoints.sweep()
         self.model = strategy.wrap(model)
         if cfg.compile:
@@ -228,6 +230,8 @@ class Run:
             out.update(target_accuracy=target, target_reached=reached)
         if self.resume_changes:
             out["resumed_with_changes"] = self.resume_changes
+        if self.history:
+            out["settings_history"] = self.history
         return out
 
     def memory(self) -> dict[str, Any]:
@@ -375,6 +379,7 @@ class Run:
         ck.check_model(state, path, model, self.cfg)
         ck.check_position(state, path, total, steps_per_epoch)
         self.resume_changes = ck.changed_settings(state, self.cfg, total, steps_per_epoch)
+        self.history = ck.settings_history(state, self.resume_changes)
         if self.resume_changes:
             step = state["position"]["step"]
             self.reporter.warning("resuming with other settings than the checkpoint's run ("
@@ -405,6 +410,8 @@ class Run:
         state["normalization"] = self.data_info()["normalization"]  # for load_model/predict
         timer = self.trainer.timer if self.trainer is not None else None
         state["timing"] = self.earlier.plus(timer).to_dict()
+        if self.history:
+            state["settings_history"] = self.history
         self.checkpoints.save(state, pos.step)
         self.strategy.barrier()
 

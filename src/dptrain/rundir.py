@@ -76,7 +76,7 @@ def written_by_dptrain(config: Path) -> bool:
     except OSError:
         return False
     return any(line.startswith(("# dptrain resolved configuration", "# dptrain.Session"))
-               for line in head.splitlines()[:4])
+               for line in head.splitlines()[:8])
 
 
 def run_of(checkpoint: Path) -> Path | None:
