@@ -105,12 +105,21 @@ def test_other_model_shapes_are_refused_from_the_index(tmp_path: Path):
         checkpoint.check_model(load(path), str(path), other, TrainConfig())
 
 
+def _flip_a_byte(shard: Path) -> None:
+    """Damage inside a tensor's bytes: the size stays, so only a checksum can tell (it used
+    to resume with a wrong weight, silently)."""
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda p: (p / "dptrain.pt").unlink(), "no dptrain.pt"),
     (lambda p: (p / ".metadata").unlink(), "no .metadata"),
     (lambda p: (p / "__0_0.distcp").unlink(), "shard __0_0.distcp is missing or truncated"),
     (lambda p: os.truncate(p / "__0_0.distcp", 100), "missing or truncated"),
     (lambda p: (p / ".metadata").write_bytes(b"\x80\x04garbage"), ".metadata is unreadable"),
+    (lambda p: _flip_a_byte(p / "__0_0.distcp"), "shard __0_0.distcp fails its CRC-32 check"),
 ])
 def test_an_incomplete_directory_is_refused(tmp_path: Path, damage, message):
     path = Checkpointer(tmp_path, is_main=True).save(_sharded(_model(), 1), 1)

@@ -47,6 +47,7 @@ import os
 import pickle
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 SUFFIX = ".dcp"
 META = "dptrain.pt"
+CRCS = "shard_crc32"  # META's record of each shard file's CRC-32 (DCP's files carry none)
 FORMAT = "dptrain-dcp-1"
 _INDEX = ".metadata"
 _META_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -106,7 +108,7 @@ def save(state: ShardedState, directory: Path, step: int, *, is_main: bool) -> P
         _write_shards(state.tensors, tmp, is_main)
         if not is_main:
             return None
-        atomic_save({"format": FORMAT, **state}, tmp / META)
+        atomic_save({"format": FORMAT, **state, CRCS: shard_checksums(tmp)}, tmp / META)
         _swap_in(tmp, final)
         atomic_save({"format": LAST_FORMAT, **state, "model": state.plain_model,
                      "sharded": final.name}, directory / "last.pt")
@@ -201,6 +203,21 @@ def read_index(path: Path) -> Any:
     return index
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def shard_checksums(directory: Path) -> dict[str, int]:
+    """The CRC-32 of each shard file in ``directory`` (once every rank has written its own:
+    ``dcp.save`` returns after all have). Rank 0 reads them back once, from the page cache
+    as a rule; a resume checks them (:func:`read`), as ``torch.load`` does not."""
+    return {p.name: _crc32(p) for p in sorted(directory.glob("*.distcp"))}
+
+
 def _incomplete(path: Path, why: str) -> UsageError:
     return UsageError(f"checkpoint {path} is incomplete or inconsistent ({why}); resume from "
                       "an earlier checkpoint or start a fresh run")
@@ -229,6 +246,14 @@ def read(path: Path) -> dict[str, Any]:
                                                      device="meta")
     if not model:
         raise _incomplete(path, "no model tensors")
+    recorded = meta.pop(CRCS, None)  # checkpoints before 2026-12-03 have none
+    for name, crc in sorted(recorded.items()) if isinstance(recorded, dict) else ():
+        shard = path / str(name)
+        if Path(str(name)).name != name or not shard.is_file():
+            raise _incomplete(path, f"shard {name} is missing or truncated")
+        if _crc32(shard) != crc:
+            raise _incomplete(path, f"shard {name} fails its CRC-32 check: it changed after "
+                              "it was written (disk or copy damage)")
     return {**meta, "model": model, "sharded": str(path)}
 
 
