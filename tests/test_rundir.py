@@ -46,6 +46,23 @@ def test_a_config_toml_dptrain_did_not_write_is_never_overwritten(tmp_path):
     check_out_dir(ours, "auto")
 
 
+def test_going_back_to_an_earlier_checkpoint_in_its_own_run_is_refused(tmp_path):
+    """--resume RUN/checkpoints/step-10 into RUN beside step-20 and step-30 kept the old
+    branch's later checkpoints, rotated the resumed one away, and the next --resume auto
+    continued the old branch. A new --out branches; the newest, or last.pt, continues."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("step-00000010.pt", "step-00000020.pt", "step-00000030.dcp", "last.pt"):
+        (ckpts / name).write_bytes(b"x")
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"holds later checkpoints \(step-00000020.pt, "
+                                         r"step-00000030.dcp\): continuing there would mix"):
+        check_out_dir(tmp_path / "run", str(ckpts / "step-00000010.pt"))
+    for newest in ("step-00000030.dcp", "last.pt"):
+        check_out_dir(tmp_path / "run", str(ckpts / newest))
+    check_out_dir(tmp_path / "branch", str(ckpts / "step-00000010.pt"))
+
+
 def test_an_existing_run_needs_resume_auto(tmp_path):
     make_run(tmp_path / "a")
     with pytest.raises(UsageError, match="already holds a run"):

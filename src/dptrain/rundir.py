@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def check_out_dir(out: Path, resume: str) -> None:
     if resume:
         origin = run_of(Path(resume))
         if origin is not None and origin.resolve() == out.resolve():
+            later = later_checkpoints(Path(resume))
+            if later:
+                raise UsageError(
+                    f"--resume {resume} goes back in its own run directory, which holds later "
+                    f"checkpoints ({', '.join(p.name for p in later)}): continuing there would "
+                    "mix two branches of the run (and a later --resume auto would take the "
+                    "old one); pass a new --out to branch from it (this directory stays as "
+                    "it is), or delete the later checkpoints to rewind the run")
             return
         raise UsageError(f"--out {out} already holds another run ({', '.join(found)}); "
                          f"resuming from {resume} writes into its own run directory or a new "
@@ -77,6 +86,20 @@ def written_by_dptrain(config: Path) -> bool:
         return False
     return any(line.startswith(("# dptrain resolved configuration", "# dptrain.Session"))
                for line in head.splitlines()[:8])
+
+
+_STEP = re.compile(r"step-(\d+)\.(pt|dcp)$")
+
+
+def later_checkpoints(checkpoint: Path) -> list[Path]:
+    """The numbered checkpoints beside ``checkpoint`` (``step-N.pt`` / ``.dcp``) of later
+    steps, oldest first; none for ``last.pt`` (the newest) or an unnumbered name."""
+    own = _STEP.match(checkpoint.name)
+    if own is None or not checkpoint.parent.is_dir():
+        return []
+    later = [(int(m.group(1)), p) for p in checkpoint.parent.iterdir()
+             if (m := _STEP.match(p.name)) and int(m.group(1)) > int(own.group(1))]
+    return [p for _, p in sorted(later)]
 
 
 def run_of(checkpoint: Path) -> Path | None:
