@@ -53,3 +53,24 @@ def test_the_survivor_of_a_lost_peer_fails_after_the_grace_and_others_at_once(mo
         with pytest.raises(type(exc)):
             launch._WorkerMain(failing(exc))()
         assert least <= time.monotonic() - t0 < most
+
+
+def test_a_node_that_cannot_reach_node_0_is_one_error_and_one_that_can_goes_on():
+    """Node 1 started before node 0, or a wrong --master-addr/--master-port: torch's agent
+    printed a C++ stack trace per retry and a 90-line traceback, exit 1."""
+    import socket
+
+    from dptrain.errors import UsageError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=rf"node 1 could not reach node 0's rendezvous at "
+                                         rf"127.0.0.1:{port} within 0.6 s \(--timeout-s; "):
+        launch._wait_for_node_0("127.0.0.1", port, 1, 0.6)
+    assert 0.5 < time.monotonic() - t0 < 5
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        launch._wait_for_node_0("127.0.0.1", server.getsockname()[1], 1, 5)

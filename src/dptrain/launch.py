@@ -504,6 +504,26 @@ def _own_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+def _wait_for_node_0(addr: str, port: int, node_rank: int, timeout_s: float) -> None:
+    """Wait until node 0's rendezvous store accepts connections (it may start after this
+    node), or fail with one error line. torch's agent would retry too, but each failed try
+    logs a C++ warning with its stack trace, and the last one ends in a traceback."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise UsageError(
+                    f"node {node_rank} could not reach node 0's rendezvous at {addr}:{port} "
+                    f"within {timeout_s:g} s (--timeout-s; {exc.strerror or exc}): start node 0 "
+                    "(--node-rank 0) first or together with this one, and check "
+                    "--master-addr, --master-port, the firewall and GLOO_SOCKET_IFNAME"
+                    ) from None
+        time.sleep(0.25)
+
+
 def _loopback_gloo_env() -> dict[str, str]:
     """Single node: gloo's data connections on loopback too (unless the user chose)."""
     if "GLOO_SOCKET_IFNAME" in os.environ:
@@ -535,6 +555,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     ``fast_exit``: for dptrain's own worker functions: the workers are forked from the fork
     server (:func:`prestart_workers`) and end without an interpreter teardown; where there is
     no fork server (or with ``DPTRAIN_NO_FAST_EXIT=1``) they are spawned and exit normally."""
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -557,6 +578,8 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
         dist.check_master_addr(master_addr, "--master-addr")
         if node_rank == 0:
             _check_port_free(master_port)
+        else:
+            _wait_for_node_0(master_addr, master_port, node_rank, rdzv_timeout_s)
         port = master_port
     config = LaunchConfig(
         min_nodes=nnodes,
@@ -582,6 +605,14 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
             return results
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
+    except DistNetworkError as exc:  # this node's agent could not reach node 0's store
+        if nnodes == 1 or node_rank == 0:
+            raise
+        raise UsageError(
+            f"node {node_rank} lost node 0's rendezvous at {master_addr}:{port} "
+            f"within {rdzv_timeout_s} s (--timeout-s): start node 0 (--node-rank 0) first or "
+            "together with this one, and check --master-addr, --master-port, the firewall "
+            f"and GLOO_SOCKET_IFNAME ({str(exc).splitlines()[0][:200]})") from None
     except ChildFailedError as exc:
         raise _failure(exc, range(node_rank * nproc, (node_rank + 1) * nproc)) from None
     finally:
