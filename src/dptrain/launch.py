@@ -504,6 +504,32 @@ def _own_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+def _rendezvous(nnodes: int, node_rank: int, master_addr: str, master_port: int,
+                timeout_s: float) -> tuple[Any, int, dict[str, str]]:
+    """Where the agents meet: (the store this process hosts, or ``None``; its port; the
+    workers' extra environment). One node: a store of our own on loopback. Several: node 0's
+    agent hosts it at ``--master-addr:--master-port``; the others wait for it first."""
+    from dptrain import dist
+
+    if nnodes == 1:
+        store, port = _loopback_store(master_addr, master_port, timeout_s)
+        return store, port, _loopback_gloo_env()
+    dist.check_master_addr(master_addr, "--master-addr")
+    if node_rank == 0:
+        _check_port_free(master_port)
+    else:
+        _wait_for_node_0(master_addr, master_port, node_rank, timeout_s)
+    return None, master_port, {}
+
+
+def _node_0_unreachable(addr: str, port: int, node_rank: int, timeout_s: float,
+                        why: str) -> UsageError:
+    return UsageError(f"node {node_rank} could not reach node 0's rendezvous at {addr}:{port} "
+                      f"within {timeout_s:g} s (--timeout-s; {why}): start node 0 "
+                      "(--node-rank 0) first or together with this one, and check "
+                      "--master-addr, --master-port, the firewall and GLOO_SOCKET_IFNAME")
+
+
 def _wait_for_node_0(addr: str, port: int, node_rank: int, timeout_s: float) -> None:
     """Wait until node 0's rendezvous store accepts connections (it may start after this
     node), or fail with one error line. torch's agent would retry too, but each failed try
@@ -515,12 +541,8 @@ def _wait_for_node_0(addr: str, port: int, node_rank: int, timeout_s: float) -> 
                 return
         except OSError as exc:
             if time.monotonic() >= deadline:
-                raise UsageError(
-                    f"node {node_rank} could not reach node 0's rendezvous at {addr}:{port} "
-                    f"within {timeout_s:g} s (--timeout-s; {exc.strerror or exc}): start node 0 "
-                    "(--node-rank 0) first or together with this one, and check "
-                    "--master-addr, --master-port, the firewall and GLOO_SOCKET_IFNAME"
-                    ) from None
+                raise _node_0_unreachable(addr, port, node_rank, timeout_s,
+                                          str(exc.strerror or exc)) from None
         time.sleep(0.25)
 
 
@@ -560,8 +582,6 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from dptrain import dist
-
     why = shm_problem()
     if why is not None:
         raise UsageError(f"{why}: local workers need it (multiprocessing's locks, the "
@@ -570,17 +590,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
     forked = fast_exit and fork_server_usable()
     if forked:
         prestart_workers()
-    store, env = None, {}
-    if nnodes == 1:
-        store, port = _loopback_store(master_addr, master_port, rdzv_timeout_s)
-        env = _loopback_gloo_env()
-    else:
-        dist.check_master_addr(master_addr, "--master-addr")
-        if node_rank == 0:
-            _check_port_free(master_port)
-        else:
-            _wait_for_node_0(master_addr, master_port, node_rank, rdzv_timeout_s)
-        port = master_port
+    store, port, env = _rendezvous(nnodes, node_rank, master_addr, master_port, rdzv_timeout_s)
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -605,14 +615,11 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], *, nproc: int, nnodes:
             return results
     except SignalException as exc:
         raise Interrupted(exc.sigval) from None
-    except DistNetworkError as exc:  # this node's agent could not reach node 0's store
+    except DistNetworkError as exc:  # node 0's store went away after _wait_for_node_0
         if nnodes == 1 or node_rank == 0:
             raise
-        raise UsageError(
-            f"node {node_rank} lost node 0's rendezvous at {master_addr}:{port} "
-            f"within {rdzv_timeout_s} s (--timeout-s): start node 0 (--node-rank 0) first or "
-            "together with this one, and check --master-addr, --master-port, the firewall "
-            f"and GLOO_SOCKET_IFNAME ({str(exc).splitlines()[0][:200]})") from None
+        raise _node_0_unreachable(master_addr, port, node_rank, rdzv_timeout_s,
+                                  str(exc).splitlines()[0][:200]) from None
     except ChildFailedError as exc:
         raise _failure(exc, range(node_rank * nproc, (node_rank + 1) * nproc)) from None
     finally:
