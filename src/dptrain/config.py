@@ -410,9 +410,15 @@ def _toml_value(value: Any) -> str:
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
+# the first words of the config.toml a run writes (a Session's: SESSION_HEADER), by which a
+# run directory's own file is told from a user's (rundir.written_by_dptrain)
+CONFIG_HEADER = "# dptrain resolved configuration"
+SESSION_HEADER = "# dptrain.Session"
+
+
 def to_toml(cfg: TrainConfig) -> str:
     """The resolved configuration as TOML; ``--config`` on this text reproduces the run."""
-    lines = ["# dptrain resolved configuration: dptrain train --config THIS_FILE"]
+    lines = [f"{CONFIG_HEADER}: dptrain train --config THIS_FILE"]
     for f in fields(cfg):
         lines.append(f"{f.name} = {_toml_value(getattr(cfg, f.name))}")
     return "\n".join(lines) + "\n"

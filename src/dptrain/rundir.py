@@ -84,7 +84,9 @@ def written_by_dptrain(config: Path) -> bool:
             head = fh.read(4096).decode("utf-8", "replace")
     except OSError:
         return False
-    return any(line.startswith(("# dptrain resolved configuration", "# dptrain.Session"))
+    from dptrain.config import CONFIG_HEADER, SESSION_HEADER
+
+    return any(line.startswith((CONFIG_HEADER, SESSION_HEADER))
                for line in head.splitlines()[:8])
 
 

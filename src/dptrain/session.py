@@ -45,7 +45,7 @@ from torch import nn
 
 from dptrain import checkpoint as ck
 from dptrain import dist, strategies
-from dptrain.config import TrainConfig, coerce, to_toml
+from dptrain.config import SESSION_HEADER, TrainConfig, coerce, to_toml
 from dptrain.data import batch as B
 from dptrain.data.loader import Batch, DatasetLoader, Normalizer, ShardedLoader, eval_batches
 from dptrain.errors import UsageError
@@ -529,7 +529,7 @@ class Session:
                            *args])
         settings = to_toml(self.cfg).splitlines()[1:]
         return "\n".join([
-            "# dptrain.Session: the settings of a script's own training loop (not a `dptrain "
+            f"{SESSION_HEADER}: the settings of a script's own training loop (not a `dptrain "
             "train` run:",
             "# its model, data and loop are the script's). Replay: dptrain run SCRIPT --nproc N "
             "ARGS (as below)",
